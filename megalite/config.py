@@ -1,0 +1,233 @@
+"""Command-line configuration with Megatron-LM flag names, parsed into nested dataclasses.
+
+Each dataclass field carries its flag in ``metadata``; the parser is generated from the
+fields, so a flag is declared exactly once. ``--config FILE`` (JSON or TOML) supplies
+defaults that explicit flags override; keys are flag names with or without dashes.
+``validate`` checks everything that does not need the world size; ``ParallelDims.build``
+checks the rest. Both run before any collective.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A configuration a user must fix; the message says what and how."""
+
+
+def _f(default, flag, help, **kw):
+    return field(default=default, metadata={"flag": flag, "help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = _f(4, "--num-layers", "transformer layers")
+    hidden_size: int = _f(256, "--hidden-size", "model width")
+    ffn_hidden_size: Optional[int] = _f(None, "--ffn-hidden-size", "MLP width (default 4h, or 8h/3 rounded with --swiglu)")
+    num_attention_heads: int = _f(4, "--num-attention-heads", "attention heads")
+    group_query_attention: bool = _f(False, "--group-query-attention", "use GQA with --num-query-groups KV heads")
+    num_query_groups: Optional[int] = _f(None, "--num-query-groups", "KV heads under GQA")
+    kv_channels: Optional[int] = _f(None, "--kv-channels", "head dim (default hidden/heads)")
+    seq_length: int = _f(256, "--seq-length", "training sequence length")
+    max_position_embeddings: Optional[int] = _f(None, "--max-position-embeddings", "learned position table size / RoPE limit (default seq length)")
+    normalization: str = _f("LayerNorm", "--normalization", "norm type", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: float = _f(1e-5, "--norm-epsilon", "norm epsilon")
+    norm_impl: str = _f("auto", "--norm-impl", "norm kernel: auto = Triton on CUDA when importable, else torch", choices=["auto", "triton", "apex", "torch"])
+    swiglu: bool = _f(False, "--swiglu", "SwiGLU MLP instead of GELU")
+    position_embedding_type: str = _f("rope", "--position-embedding-type", "positions", choices=["rope", "learned_absolute"])
+    rotary_base: float = _f(10000.0, "--rotary-base", "RoPE base")
+    untie_embeddings_and_output_weights: bool = _f(False, "--untie-embeddings-and-output-weights", "separate output layer")
+    add_bias_linear: bool = _f(True, "--add-bias-linear", "biases in linear layers (see --disable-bias-linear)")
+    init_method_std: float = _f(0.02, "--init-method-std", "init std of weights")
+    attention_dropout: float = _f(0.0, "--attention-dropout", "attention probability dropout")
+    hidden_dropout: float = _f(0.0, "--hidden-dropout", "residual-branch dropout")
+    vocab_size: Optional[int] = _f(None, "--vocab-size", "vocabulary size (default: the tokenizer's)")
+    make_vocab_size_divisible_by: int = _f(128, "--make-vocab-size-divisible-by", "pad vocab to a multiple of this x TP")
+    recompute_granularity: Optional[str] = _f(None, "--recompute-granularity", "activation recompute", choices=["full", "selective"])
+    use_flash_attn: bool = _f(False, "--use-flash-attn", "require flash-attn (error when missing)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = _f(1, "--tensor-parallel-size", "TP group size")
+    context_parallel_size: int = _f(1, "--context-parallel-size", "CP group size")
+    sequence_parallel: bool = _f(False, "--sequence-parallel", "Megatron sequence parallel (needs TP > 1)")
+    cp_comm_type: str = _f("p2p", "--cp-comm-type", "context-parallel attention", choices=["p2p", "all_gather", "a2a"])
+    distributed_backend: Optional[str] = _f(None, "--distributed-backend", "default: nccl on CUDA, gloo on CPU", choices=["nccl", "gloo"])
+    distributed_timeout_minutes: float = _f(10.0, "--distributed-timeout-minutes", "bound on every collective")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _f(4, "--micro-batch-size", "sequences per rank per micro step")
+    global_batch_size: Optional[int] = _f(None, "--global-batch-size", "sequences per step (default micro x DP)")
+    train_iters: int = _f(20, "--train-iters", "optimizer steps")
+    lr: float = _f(1e-3, "--lr", "peak learning rate")
+    min_lr: float = _f(0.0, "--min-lr", "final learning rate")
+    lr_decay_style: str = _f("cosine", "--lr-decay-style", "decay", choices=["cosine", "linear", "constant"])
+    lr_warmup_iters: int = _f(0, "--lr-warmup-iters", "linear warmup steps")
+    lr_decay_iters: Optional[int] = _f(None, "--lr-decay-iters", "decay horizon (default train iters)")
+    weight_decay: float = _f(0.01, "--weight-decay", "AdamW weight decay (not on norms/biases)")
+    adam_beta1: float = _f(0.9, "--adam-beta1", "AdamW beta1")
+    adam_beta2: float = _f(0.999, "--adam-beta2", "AdamW beta2")
+    adam_eps: float = _f(1e-8, "--adam-eps", "AdamW eps")
+    clip_grad: float = _f(1.0, "--clip-grad", "global grad-norm clip (0 = off)")
+    bf16: bool = _f(False, "--bf16", "bf16 autocast, fp32 master weights")
+    seed: int = _f(1234, "--seed", "seed for init, data order and dropout")
+    eval_interval: int = _f(1000, "--eval-interval", "evaluate every N steps")
+    eval_iters: int = _f(10, "--eval-iters", "global batches per evaluation")
+    exit_interval: Optional[int] = _f(None, "--exit-interval", "stop after this iteration (saving with --save)")
+    peak_tflops: Optional[float] = _f(None, "--peak-tflops", "device peak for MFU (default: known GPUs)")
+    device: Optional[str] = _f(None, "--device", "cuda or cpu (default: cuda when available)")
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = _f(None, "--data-path", "dataset prefix (PREFIX.bin/.idx); default: embedded corpus")
+    split: str = _f("969,30,1", "--split", "train,valid,test weights")
+    tokenizer_model: Optional[str] = _f(None, "--tokenizer-model", "sentencepiece .model")
+    num_workers: int = _f(0, "--num-workers", "unused on CPU; kept for Megatron scripts")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = _f(None, "--save", "checkpoint directory")
+    load: Optional[str] = _f(None, "--load", "checkpoint directory to resume from")
+    save_interval: Optional[int] = _f(None, "--save-interval", "save every N steps")
+    exit_signal_handler: bool = _f(False, "--exit-signal-handler", "on SIGTERM save and exit")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = _f(1, "--log-interval", "console line every N steps")
+    log_dir: Optional[str] = _f(None, "--log-dir", "where metrics.jsonl goes (default --save or runs/)")
+    wandb_project: Optional[str] = _f(None, "--wandb-project", "log to wandb (offline without an API key)")
+    wandb_exp_name: Optional[str] = _f(None, "--wandb-exp-name", "wandb run name")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _sections():
+    return [(f.name, f.type if isinstance(f.type, type) else f.default_factory) for f in dataclasses.fields(Config)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("megalite", description="Pretrain a GPT/Llama-style model.")
+    p.add_argument("--config", help="JSON or TOML file of flag defaults")
+    for _, cls in _sections():
+        g = p.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            md = f.metadata
+            if f.type in ("bool", bool):
+                g.add_argument(md["flag"], dest=f.name, action="store_true", default=None, help=md["help"])
+                continue
+            typ = {"int": int, "float": float, "str": str}[str(f.type).replace("Optional[", "").rstrip("]")]
+            g.add_argument(md["flag"], dest=f.name, type=typ, default=None, choices=md.get("choices"), help=md["help"])
+    p.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path, "rb") as fh:
+        if path.endswith(".toml"):
+            import tomllib
+            raw = tomllib.load(fh)
+        else:
+            raw = json.load(fh)
+    return {k.lstrip("-").replace("-", "_"): v for k, v in raw.items()}
+
+
+def parse(argv=None) -> Config:
+    """Parse flags (and an optional --config file) into a validated Config."""
+    ns = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    defaults = _load_file(ns.pop("config")) if ns.get("config") else {}
+    ns.pop("config", None)
+    cfg = Config()
+    known = set()
+    for name, _ in _sections():
+        sec = getattr(cfg, name)
+        for f in dataclasses.fields(sec):
+            known.add(f.name)
+            val = ns.get(f.name)
+            if val is None:
+                val = defaults.get(f.name)
+            if val is not None:
+                setattr(sec, f.name, val)
+    unknown = set(defaults) - known
+    if unknown:
+        raise ConfigError(f"--config: unknown keys {sorted(unknown)}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no world size. Raises ConfigError naming the flag to fix."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.group_query_attention:
+        if m.num_query_groups is None:
+            raise ConfigError("--group-query-attention needs --num-query-groups")
+    elif m.num_query_groups not in (None, m.num_attention_heads):
+        raise ConfigError("--num-query-groups given without --group-query-attention; add the flag")
+    groups = num_query_groups(m)
+    if m.num_attention_heads % groups:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                          f"--num-query-groups {groups}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                          f"{m.num_attention_heads}; set --kv-channels")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    if m.use_flash_attn:
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ConfigError("--use-flash-attn given but flash-attn is not installed; "
+                              "pip install flash-attn, or drop the flag to use torch kernels") from None
+    tp = p.tensor_parallel_size
+    for name, val in [("--tensor-parallel-size", tp), ("--context-parallel-size", p.context_parallel_size),
+                      ("--micro-batch-size", t.micro_batch_size), ("--train-iters", t.train_iters),
+                      ("--num-layers", m.num_layers), ("--seq-length", m.seq_length)]:
+        if val < 1:
+            raise ConfigError(f"{name} must be >= 1 (got {val})")
+    if t.lr_warmup_iters > t.train_iters and t.train_iters > 0:
+        raise ConfigError(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
+    if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
+        raise ConfigError("--save-interval given without --save DIR")
+
+
+def num_query_groups(m: ModelConfig) -> int:
+    return m.num_query_groups if m.group_query_attention and m.num_query_groups else m.num_attention_heads
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+
+def ffn_hidden_size(m: ModelConfig) -> int:
+    if m.ffn_hidden_size:
+        return m.ffn_hidden_size
+    if m.swiglu:  # keep parameter count near 4h GELU, rounded like Llama
+        return 64 * ((int(8 * m.hidden_size / 3) + 63) // 64)
+    return 4 * m.hidden_size
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    mult = divisible_by * tp
+    return ((vocab + mult - 1) // mult) * mult

@@ -1,0 +1,89 @@
+"""The DP x CP x TP process grid, built once and passed down.
+
+Global rank r sits at (dp, cp, tp) with TP innermost: r = (dp * CP + cp) * TP + tp, so a TP
+group is a run of consecutive ranks (one node's NVLink domain) and CP neighbours are TP
+apart. ``dp_cp`` is the flattened DP x CP group over which replicated parameters' gradients
+are summed. Every group is a real ProcessGroup (a size-1 group works as the identity).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..config import ConfigError, ParallelConfig
+
+
+def check_layout(world_size: int, tp: int, cp: int) -> int:
+    """Return the DP size, or raise naming the sizes that do not divide."""
+    if tp < 1 or cp < 1:
+        raise ConfigError(f"--tensor-parallel-size ({tp}) and --context-parallel-size ({cp}) must be >= 1")
+    if world_size % (tp * cp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor-parallel-size {tp} x "
+            f"context-parallel-size {cp} = {tp * cp}; launch a multiple of {tp * cp} ranks "
+            f"or change the sizes")
+    return world_size // (tp * cp)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    rank: int
+    dp: int
+    cp: int
+    tp: int
+    mesh: DeviceMesh
+    sequence_parallel: bool = False
+
+    @staticmethod
+    def build(cfg: ParallelConfig, device_type: str) -> "ParallelDims":
+        """Build the grid over the already-initialised default process group."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        tp, cp = cfg.tensor_parallel_size, cfg.context_parallel_size
+        dp = check_layout(world, tp, cp)
+        mesh = init_device_mesh(device_type, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
+        mesh["dp", "cp"]._flatten("dp_cp")
+        return ParallelDims(world, rank, dp, cp, tp, mesh, cfg.sequence_parallel and tp > 1)
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        """'dp', 'cp', 'tp' or 'dp_cp'."""
+        return self.mesh[name].get_group()
+
+    @property
+    def tp_group(self):
+        return self.group("tp")
+
+    @property
+    def cp_group(self):
+        return self.group("cp")
+
+    @property
+    def dp_group(self):
+        return self.group("dp")
+
+    @property
+    def dp_cp_group(self):
+        return self.group("dp_cp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp * self.cp)
+
+    @property
+    def is_logger(self) -> bool:
+        """Exactly one rank logs metrics."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"world {self.world_size} = DP {self.dp} x CP {self.cp} x TP {self.tp}" + (
+            " (+SP)" if self.sequence_parallel else "")

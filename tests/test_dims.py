@@ -1,0 +1,28 @@
+import pytest
+import torch.distributed as dist
+
+from megalite.config import ConfigError, ParallelConfig
+from megalite.parallel.dims import ParallelDims, check_layout
+from multiproc import run_ranks
+
+
+def test_layout_must_divide():
+    assert check_layout(8, 2, 2) == 2
+    with pytest.raises(ConfigError, match="not divisible by tensor-parallel-size 2 x context-parallel-size 2"):
+        check_layout(6, 2, 2)
+
+
+def _grid(rank, world):
+    dims = ParallelDims.build(ParallelConfig(tensor_parallel_size=2, context_parallel_size=2), "cpu")
+    assert (dims.dp, dims.cp, dims.tp) == (1, 2, 2)
+    assert rank == (dims.dp_rank * 2 + dims.cp_rank) * 2 + dims.tp_rank
+    # TP innermost: TP peers are consecutive ranks, CP peers are TP apart.
+    assert dist.get_process_group_ranks(dims.tp_group) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(dims.cp_group) == [rank % 2, rank % 2 + 2]
+    assert sorted(dist.get_process_group_ranks(dims.dp_cp_group)) == [rank % 2, rank % 2 + 2]
+    assert dims.mesh["tp"].get_local_rank() == dims.tp_rank
+    assert dims.mesh["cp"].get_local_rank() == dims.cp_rank
+
+
+def test_grid_ranks(tmp_path):
+    run_ranks(_grid, 4, tmp_path)
