@@ -1,0 +1,73 @@
+"""Process-group start-up: the only reader of RANK / LOCAL_RANK / WORLD_SIZE.
+
+Under torchrun the env:// rendezvous is used; a plain `python pretrain.py` becomes a world of
+one with a private FileStore, so single-rank runs take the same code path as many.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+
+def resolve_device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if want != "cpu":
+        raise ConfigError(f"--device {want}: use cuda or cpu")
+    return torch.device("cpu")
+
+
+def check_bf16(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--bf16 given but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                          "drop --bf16 (fp32) or use an Ampere-or-newer GPU")
+
+
+def init(cfg: Config) -> DistEnv:
+    """Validate device-level options, then initialise the default process group."""
+    env = os.environ
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    device = resolve_device(cfg, local_rank)
+    if cfg.train.bf16:
+        check_bf16(device)
+    backend = cfg.parallel.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in env:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        elif world == 1:
+            store = dist.FileStore(tempfile.mktemp(prefix="megalite-store-"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        else:
+            raise ConfigError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
+    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

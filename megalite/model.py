@@ -1,0 +1,208 @@
+"""A decoder-only GPT/Llama-style transformer in plain PyTorch.
+
+Layout: activations between blocks are [seq, batch, hidden] (Megatron's), so sequence-parallel
+scatter/gather works on the contiguous first dim. The attention core sees
+(batch, seq, heads, head_dim). Parallelism never appears here: megalite.parallel swaps modules
+(linear layers, embedding, core_attention, loss_fn) from outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig, ffn_hidden_size, head_dim, num_query_groups, padded_vocab_size
+from .ops.norm import build_norm
+
+
+def rope_tables(position_ids, dim: int, base: float):
+    """cos/sin of shape (b, s, 1, dim) for rotate-half RoPE, computed in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (b, s, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (b, s, heads, d); rotate-half convention (GPT-NeoX / Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class CoreAttention(nn.Module):
+    """Causal softmax attention over the local sequence: (b, s, h, d) -> (b, s, h, d)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = num_query_groups(cfg)
+        self.head_dim = head_dim(cfg)
+        self.rope_base = cfg.rotary_base if cfg.position_embedding_type == "rope" else None
+        self.selective_recompute = cfg.recompute_granularity == "selective"
+        # Rows grouped per query group: [q heads of g0, k0, v0 | q heads of g1, k1, v1 | ...],
+        # so a contiguous row block (one TP rank's) holds whole groups.
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear)
+        self.proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
+        self.core_attention = CoreAttention(cfg.attention_dropout)
+
+    def forward(self, x, position_ids):
+        qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP
+        s, b = qkv.shape[:2]
+        groups, per_group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        qkv = qkv.view(s, b, groups, per_group + 2, d).transpose(0, 1)  # (b, s, groups, per_group+2, d)
+        q = qkv[:, :, :, :per_group].reshape(b, s, groups * per_group, d)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (b, s, groups, d)
+        if self.rope_base is not None:
+            cos, sin = rope_tables(position_ids, d, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.selective_recompute and self.training:
+            out = checkpoint(self.core_attention, q, k, v.contiguous(), use_reentrant=False)
+        else:
+            out = self.core_attention(q, k, v.contiguous())
+        out = out.transpose(0, 1).reshape(s, b, self.num_heads * d)  # back to [s, b, heads * d]
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ffn, bias = ffn_hidden_size(cfg), cfg.add_bias_linear
+        self.fc1 = nn.Linear(cfg.hidden_size, ffn, bias=bias)
+        self.gate = nn.Linear(cfg.hidden_size, ffn, bias=bias) if cfg.swiglu else None
+        self.fc2 = nn.Linear(ffn, cfg.hidden_size, bias=bias)
+
+    def forward(self, x):
+        if self.gate is not None:
+            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, cfg.norm_impl)
+        self.attention = Attention(cfg)
+        self.pre_mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, cfg.norm_impl)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, position_ids):
+        attn = self.dropout(self.attention(self.input_norm(x), position_ids))
+        normed, x = self.pre_mlp_norm(attn, residual=x)  # fused residual add when the kernel has one
+        return x + self.dropout(self.mlp(normed))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab: int):
+        super().__init__()
+        self.word = nn.Embedding(vocab, cfg.hidden_size)
+        self.position = None
+        if cfg.position_embedding_type == "learned_absolute":
+            self.position = nn.Embedding(cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens, position_ids):
+        x = self.word(tokens.t())  # [s, b, h]
+        if self.position is not None:
+            x = x + self.position(position_ids.t())
+        return self.dropout(x)
+
+
+def vocab_cross_entropy(logits, labels):
+    """Per-token loss [s, b] in fp32 from logits [s, b, V]; label -100 gives 0."""
+    s, b, v = logits.shape
+    return F.cross_entropy(logits.float().view(-1, v), labels.reshape(-1), reduction="none").view(s, b)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int = 1234):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, 1)
+        self.full_recompute = cfg.recompute_granularity == "full"
+        self.embedding = Embeddings(cfg, self.padded_vocab_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, cfg.norm_impl)
+        self.output_layer = nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
+        if not cfg.untie_embeddings_and_output_weights:
+            self.output_layer.weight = self.embedding.word.weight
+        self.loss_fn = vocab_cross_entropy
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int):
+        """Same seed -> same full-size weights on every rank, whatever the parallel layout."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.cfg.init_method_std
+        out_std = std / math.sqrt(2.0 * self.cfg.num_layers)  # residual-branch outputs, as in GPT-2/Megatron
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                scale = out_std if name.endswith(("proj.weight", "fc2.weight")) else std
+                rows = self.vocab_size if p.shape[0] == self.padded_vocab_size else p.shape[0]
+                p.zero_()  # padded vocabulary rows stay zero, so any padding draws the same weights
+                p[:rows] = torch.randn((rows, *p.shape[1:]), generator=gen) * scale
+
+    def pad_vocab_to(self, multiple_of_tp: int):
+        """Re-pad the vocabulary for TP (called by parallelize before sharding); keeps real rows."""
+        new = padded_vocab_size(self.vocab_size, self.cfg.make_vocab_size_divisible_by, multiple_of_tp)
+        if new == self.padded_vocab_size:
+            return
+        old = self.embedding.word.weight
+        self.embedding.word = nn.Embedding(new, old.shape[1])
+        with torch.no_grad():
+            self.embedding.word.weight.zero_()
+            self.embedding.word.weight[: old.shape[0]] = old
+            out = self.output_layer.weight
+            self.output_layer = nn.Linear(old.shape[1], new, bias=False)
+            if self.cfg.untie_embeddings_and_output_weights:
+                self.output_layer.weight.zero_()
+                self.output_layer.weight[: out.shape[0]] = out
+            else:
+                self.output_layer.weight = self.embedding.word.weight
+        self.padded_vocab_size = new
+
+    def _mask_padding(self, logits):
+        """Padded vocabulary columns are never predicted."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        start = getattr(self.output_layer, "vocab_start", 0)
+        cols = torch.arange(start, start + logits.shape[-1], device=logits.device)
+        return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
+
+    def forward(self, tokens, position_ids, labels=None):
+        """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits."""
+        x = self.embedding(tokens, position_ids)
+        for layer in self.layers:
+            if self.full_recompute and self.training:
+                x = checkpoint(layer, x, position_ids, use_reentrant=False)
+            else:
+                x = layer(x, position_ids)
+        logits = self._mask_padding(self.output_layer(self.final_norm(x)))  # [s, b, V_local]
+        if labels is None:
+            return logits.transpose(0, 1)
+        return self.loss_fn(logits, labels.t()).t()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
