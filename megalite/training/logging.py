@@ -1,0 +1,93 @@
+"""Metrics: a Megatron-style console line, one JSON object per iteration, optional wandb.
+
+Only the logging rank (global rank 0) creates a MetricsLogger; the others pass None.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+# Dense bf16 peak TFLOP/s by device-name fragment, for MFU when --peak-tflops is not given.
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def flops_per_token(model_cfg, num_params_no_embed: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights + 12 L h_attn s for attention scores (fwd+bwd)."""
+    attn_width = model_cfg.num_attention_heads * (model_cfg.kv_channels or
+                                                  model_cfg.hidden_size // model_cfg.num_attention_heads)
+    return 6.0 * num_params_no_embed + 12.0 * model_cfg.num_layers * attn_width * seq_len
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str, cfg, run_config: dict):
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, "metrics.jsonl")
+        self.fh = open(self.path, "a")
+        self.interval = cfg.logging.log_interval
+        self.wandb = None
+        if cfg.logging.wandb_project:
+            self.wandb = _start_wandb(cfg, log_dir, run_config)
+
+    def log(self, record: dict, line: bool) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
+        if line:
+            print(format_line(record), flush=True)
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg, log_dir: str, run_config: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("--wandb-project given but wandb is not installed; pip install wandb") from None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not os.environ.get("WANDB_API_KEY"):
+        mode = "offline"  # no key: never block on a login prompt or the network
+        print(f"wandb: no WANDB_API_KEY, logging offline under {log_dir}", file=sys.stderr)
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_exp_name, dir=log_dir,
+                      mode=mode, config=run_config)
+
+
+def format_line(r: dict) -> str:
+    parts = [f"iteration {r['iteration']:>6d}/{r['train_iters']:>6d}",
+             f"consumed samples: {r['consumed_samples']:>9d}",
+             f"elapsed time per iteration (ms): {r['step_time'] * 1e3:.1f}",
+             f"learning rate: {r['lr']:.3E}",
+             f"lm loss: {r['loss']:.6E}",
+             f"grad norm: {r['grad_norm']:.3f}",
+             f"tokens/s: {r['tokens_per_sec']:.0f}",
+             f"TFLOP/s/GPU: {r['tflops_per_device']:.2f}"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU: {100 * r['mfu']:.1f}%")
+    parts.append(f"mem: {r['mem_gib']:.2f} GiB")
+    if "valid_loss" in r:
+        parts.append(f"valid loss: {r['valid_loss']:.6E}")
+    parts.append(f"ETA: {time.strftime('%H:%M:%S', time.gmtime(r['eta_s']))}")
+    return " | ".join(parts)

@@ -1,0 +1,153 @@
+"""The training loop: micro-batching, loss normalisation, clipping, eval, logging, checkpoints.
+
+Global batch t covers samples [t*G, (t+1)*G) of the shuffled training set whatever the layout:
+micro step m of DP rank d takes samples m*(mb*DP) + d*mb + [0, mb). CP ranks of one DP rank
+take the zigzag slice of the same sequences. The loss of a global batch is the sum of
+per-token losses over all its loss tokens divided by their number, so every layout computes
+the same quantity, and gradients are summed over DP x CP.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .logging import flops_per_token, memory_gib
+from .optim import clip_grad_norm, lr_at, set_lr
+from ..parallel.parallelize import unwrap
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    exit_requested: bool = field(default=False, repr=False)
+
+
+def micro_batches(dataset, start: int, cfg, dims, device):
+    """This rank's micro-batches of the global batch that begins at sample `start`."""
+    mb, dp = cfg.train.micro_batch_size, dims.dp
+    n_micro = cfg.train.global_batch_size // (mb * dp)
+    for m in range(n_micro):
+        first = start + m * mb * dp + dims.dp_rank * mb
+        samples = [dataset[i] for i in range(first, first + mb)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}  # each [mb, s]
+        if dims.cp > 1:
+            from ..parallel.context_parallel import zigzag_split
+            batch = {k: zigzag_split(v, 1, dims.cp, dims.cp_rank) for k, v in batch.items()}
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_loss(model, batch, global_tokens, autocast):
+    with autocast:
+        per_token = model(batch["tokens"], batch["position_ids"], batch["labels"])
+    return (per_token * batch["loss_mask"]).sum() / global_tokens
+
+
+def _global_tokens(batches, dims, device):
+    local = sum(b["loss_mask"].sum() for b in batches).to(device=device, dtype=torch.float32)
+    dist.all_reduce(local, group=dims.dp_cp_group)
+    if local.item() == 0:
+        raise RuntimeError("a global batch has no loss tokens (loss_mask is all zero)")
+    return local
+
+
+def train_step(model, optimizer, batches, dims, cfg, device):
+    """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    global_tokens = _global_tokens(batches, dims, device)
+    loss_sum = torch.zeros((), device=device)
+    for m, batch in enumerate(batches):
+        last = m == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss = _forward_loss(model, batch, global_tokens, autocast)
+            loss.backward()
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum, group=dims.dp_cp_group)
+    grad_norm = clip_grad_norm(unwrap(model).parameters(), cfg.train.clip_grad, dims.tp_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item(), grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, dims, cfg, device) -> float:
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    num = torch.zeros((), device=device)
+    den = torch.zeros((), device=device)
+    for e in range(cfg.train.eval_iters):
+        for batch in micro_batches(dataset, e * cfg.train.global_batch_size, cfg, dims, device):
+            num += _forward_loss(model, batch, 1.0, autocast)
+            den += batch["loss_mask"].sum()
+    model.train()
+    both = torch.stack([num, den])
+    dist.all_reduce(both, group=dims.dp_cp_group)
+    return (both[0] / both[1]).item()
+
+
+def _install_exit_handler(state: TrainState):
+    def handler(signum, frame):
+        state.exit_requested = True
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _any_rank_wants_exit(state: TrainState, device) -> bool:
+    flag = torch.tensor([1.0 if state.exit_requested else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, model_flops_n: int):
+    """Run until --train-iters (or --exit-interval / SIGTERM); saves per --save-interval and at the end."""
+    t, ck = cfg.train, cfg.checkpoint
+    train_set, valid_set = data
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    flops_step = flops_per_token(cfg.model, model_flops_n, cfg.model.seq_length) * tokens_per_step
+    peak = logger.peak if logger else None
+    if ck.exit_signal_handler:
+        _install_exit_handler(state)
+    model.train()
+    start_iter, t_start = state.iteration, time.perf_counter()
+    stop_at = min(t.train_iters, t.exit_interval or t.train_iters)
+    while state.iteration < stop_at:
+        t0 = time.perf_counter()
+        lr = lr_at(state.iteration + 1, t)
+        set_lr(optimizer, lr)
+        batches = list(micro_batches(train_set, state.consumed_samples, cfg, dims, device))
+        loss, grad_norm = train_step(model, optimizer, batches, dims, cfg, device)
+        state.iteration += 1
+        state.consumed_samples += t.global_batch_size
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = time.perf_counter() - t0
+        record = None
+        if logger:
+            elapsed = time.perf_counter() - t_start
+            tflops = flops_step / step_time / dims.world_size / 1e12
+            record = {"iteration": state.iteration, "train_iters": t.train_iters,
+                      "consumed_samples": state.consumed_samples, "loss": loss, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / step_time,
+                      "step_time": step_time, "tflops_per_device": tflops,
+                      "mfu": tflops / peak if peak else None, "mem_gib": memory_gib(device),
+                      "eta_s": elapsed / (state.iteration - start_iter) * (stop_at - state.iteration)}
+        if valid_set is not None and t.eval_interval and (state.iteration % t.eval_interval == 0
+                                                          or state.iteration == t.train_iters):
+            valid = evaluate(model, valid_set, dims, cfg, device)
+            if record:
+                record["valid_loss"] = valid
+        if logger:
+            logger.log(record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at)
+        exiting = ck.exit_signal_handler and _any_rank_wants_exit(state, device)
+        periodic = ck.save_interval and state.iteration % ck.save_interval == 0
+        if ck.save and (periodic or exiting or state.iteration == stop_at):
+            checkpoint.save(ck.save, state.iteration, state.consumed_samples, unwrap(model), optimizer, dims, cfg)
+        if exiting:
+            break
+    return state

@@ -1,0 +1,122 @@
+"""`pretrain.py` entry: parse, validate, start the grid, build model and data, train.
+
+Everything a user can get wrong is checked before the first collective, on every rank, so a
+bad flag or file fails fast with the same message everywhere instead of hanging.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .. import config as C
+from .. import distributed
+from ..config import ConfigError
+from ..data.gpt_dataset import build_datasets
+from ..data.indexed import IndexedDataset
+from ..data.tokenizer import Tokenizer
+from ..model import GPT
+from ..parallel.dims import ParallelDims, check_layout
+from ..parallel.parallelize import parallelize, validate_layout
+from . import checkpoint
+from .logging import MetricsLogger, peak_tflops
+from .loop import TrainState, train
+from .optim import build_optimizer
+
+
+def validate_world(cfg: C.Config, world: int) -> int:
+    """Layout checks that need the world size. Returns DP."""
+    p, t = cfg.parallel, cfg.train
+    dp = check_layout(world, p.tensor_parallel_size, p.context_parallel_size)
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by "
+                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+    validate_layout(cfg, p.tensor_parallel_size, p.context_parallel_size)
+    return dp
+
+
+def resolve_data(cfg: C.Config, rank: int) -> tuple[str, str]:
+    """(data prefix, tokenizer model); builds the embedded default corpus when no --data-path."""
+    d = cfg.data
+    if d.data_path is None:
+        from ..data.default_corpus import ensure_default_corpus
+        prefix, tok = ensure_default_corpus(log=print if rank == 0 else (lambda *a: None))
+        return prefix, d.tokenizer_model or tok
+    if d.tokenizer_model is None:
+        raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model it was built with)")
+    if not os.path.isfile(d.tokenizer_model):
+        raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: no such file")
+    IndexedDataset(d.data_path)  # raises naming the missing or inconsistent file
+    return d.data_path, d.tokenizer_model
+
+
+def vocab_size_for(cfg: C.Config, tokenizer: Tokenizer) -> int:
+    given = cfg.model.vocab_size
+    if given is None:
+        return tokenizer.vocab_size
+    if tokenizer.vocab_size > given:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but --vocab-size is {given}; "
+                          f"raise --vocab-size to at least {tokenizer.vocab_size} or drop it")
+    return given
+
+
+def main(argv=None) -> int:
+    cfg = C.parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
+    validate_world(cfg, world)
+    ckpt_dir = checkpoint.resolve_load_dir(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    prefix, tok_path = resolve_data(cfg, rank)
+    tokenizer = Tokenizer(tok_path)
+    vocab = vocab_size_for(cfg, tokenizer)
+    if ckpt_dir is not None:
+        meta = checkpoint.read_meta(ckpt_dir)
+
+    env = distributed.init(cfg)
+    device = env.device
+    dims = ParallelDims.build(cfg.parallel, device.type)
+    if ckpt_dir is not None:
+        checkpoint.check_compatible(meta, dims, cfg, vocab, ckpt_dir)
+    torch.manual_seed(cfg.train.seed)  # same on every rank, as in Megatron: replicated dropout agrees
+    train_set, valid_set, _ = build_datasets(prefix, cfg.data.split, cfg.model.seq_length,
+                                             cfg.train.seed, tokenizer.eod)
+    model = GPT(cfg.model, vocab, seed=cfg.train.seed)
+    flops_n = model.num_params() - (model.embedding.position.weight.numel() if model.embedding.position else 0)
+    model = parallelize(model, dims, cfg, device)
+    optimizer = build_optimizer(model, cfg.train)
+    state = TrainState()
+    if ckpt_dir is not None:
+        from ..parallel.parallelize import unwrap
+        meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims)
+        state = TrainState(meta["iteration"], meta["consumed_samples"])
+
+    logger = None
+    if dims.is_logger:
+        log_dir = cfg.logging.log_dir or cfg.checkpoint.save or "runs"
+        logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()})
+        logger.peak = peak_tflops(device, cfg.train.peak_tflops)
+        print(f"megalite: {dims.describe()} on {device.type}; model {flops_n / 1e6:.1f}M params; "
+              f"vocab {vocab}; data {prefix}; metrics -> {logger.path}"
+              + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""), flush=True)
+    try:
+        train(model, optimizer, (train_set, valid_set), dims, cfg, device, state, logger, flops_n)
+    finally:
+        if logger:
+            logger.close()
+    return 0
+
+
+def cli() -> None:
+    try:
+        code = main()
+    except ConfigError as exc:
+        print(f"megalite: error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        distributed.shutdown()
+    sys.exit(code)

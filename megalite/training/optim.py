@@ -1,0 +1,71 @@
+"""AdamW with decoupled weight decay, the LR schedule and layout-aware gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weights decay; biases and norm gains (1-D parameters) do not, as in Megatron."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False keeps results independent of how parameters are batched across layouts.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps, foreach=False)
+
+
+def lr_at(iteration: int, cfg: TrainConfig) -> float:
+    """LR for the step that produces `iteration` (1-based): linear warmup, then decay to min_lr."""
+    warm = cfg.lr_warmup_iters
+    if warm and iteration <= warm:
+        return cfg.lr * iteration / warm
+    horizon = cfg.lr_decay_iters or cfg.train_iters
+    if cfg.lr_decay_style == "constant" or horizon <= warm:
+        return cfg.lr
+    frac = min(1.0, (iteration - warm) / (horizon - warm))
+    if cfg.lr_decay_style == "linear":
+        coeff = 1.0 - frac
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def clip_grad_norm(params, max_norm: float, tp_group) -> torch.Tensor:
+    """Global L2 norm of all gradients, clipping in place when max_norm > 0.
+
+    Parameters marked ``tensor_model_parallel`` are shards whose squares are summed over TP;
+    replicated ones are counted once. DP/CP replicas already hold identical summed gradients.
+    """
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dev = grads[0].grad.device
+    sharded = torch.zeros((), device=dev, dtype=torch.float32)
+    replicated = torch.zeros((), device=dev, dtype=torch.float32)
+    for p in grads:
+        sq = p.grad.detach().float().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sharded, group=tp_group)
+    total = (sharded + replicated).sqrt()
+    if max_norm > 0:
+        coeff = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in grads:
+            p.grad.detach().mul_(coeff.to(p.grad.dtype))
+    return total

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from megalite import config as C
+from megalite.config import ConfigError
+from megalite.distributed import check_bf16
+from megalite.training.checkpoint import resolve_load_dir
+from megalite.training.main import validate_world
+
+
+def test_megatron_flags_parse_into_sections():
+    cfg = C.parse(["--num-layers", "3", "--hidden-size", "96", "--num-attention-heads", "6",
+                   "--group-query-attention", "--num-query-groups", "2", "--swiglu",
+                   "--normalization", "RMSNorm", "--position-embedding-type", "learned_absolute",
+                   "--untie-embeddings-and-output-weights", "--lr", "3e-4", "--bf16",
+                   "--tensor-parallel-size", "2", "--sequence-parallel", "--save", "/tmp/x",
+                   "--wandb-project", "p", "--lr-decay-style", "linear", "--disable-bias-linear"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, C.num_query_groups(cfg.model)) == (3, 96, 2)
+    assert cfg.model.swiglu and cfg.model.untie_embeddings_and_output_weights and not cfg.model.add_bias_linear
+    assert cfg.train.lr == 3e-4 and cfg.train.bf16 and cfg.train.lr_decay_style == "linear"
+    assert cfg.parallel.tensor_parallel_size == 2 and cfg.parallel.sequence_parallel
+    assert cfg.checkpoint.save == "/tmp/x" and cfg.logging.wandb_project == "p"
+    assert C.ffn_hidden_size(cfg.model) % 64 == 0
+
+
+def test_config_file_gives_defaults_and_flags_win(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"num-layers": 7, "hidden_size": 128, "lr": 0.5}))
+    cfg = C.parse(["--config", str(path), "--lr", "0.1"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.lr) == (7, 128, 0.1)
+    path.write_text(json.dumps({"num-layerz": 7}))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        C.parse(["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-attention-heads", "6", "--group-query-attention", "--num-query-groups", "4", "--hidden-size", "96"],
+     "not divisible by --num-query-groups 4"),
+    (["--group-query-attention"], "needs --num-query-groups"),
+    (["--hidden-size", "100", "--num-attention-heads", "3"], "set --kv-channels"),
+    (["--seq-length", "512", "--max-position-embeddings", "256"], "exceeds --max-position-embeddings"),
+    (["--save-interval", "5"], "without --save"),
+    (["--use-flash-attn"], "flash-attn is not installed"),
+])
+def test_bad_flags_name_the_problem(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        C.parse(argv)
+
+
+def test_world_and_batch_checks():
+    cfg = C.parse(["--tensor-parallel-size", "2", "--context-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+        validate_world(cfg, 6)
+    cfg = C.parse(["--micro-batch-size", "2", "--global-batch-size", "6"])
+    with pytest.raises(ConfigError, match="--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"):
+        validate_world(cfg, 2)
+    cfg = C.parse(["--micro-batch-size", "2"])
+    assert validate_world(cfg, 4) == 4 and cfg.train.global_batch_size == 8
+
+
+def test_load_path_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve_load_dir(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        resolve_load_dir(str(tmp_path))
+    (tmp_path / "latest").write_text("iter_0000005\n")
+    with pytest.raises(ConfigError, match="missing or incomplete"):
+        resolve_load_dir(str(tmp_path))
+
+
+def test_bf16_unsupported_device_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    with pytest.raises(ConfigError, match="Tesla V100 has no bf16 support"):
+        check_bf16(torch.device("cuda", 0))

@@ -1,0 +1,96 @@
+"""End-to-end training: DP parity, bitwise resume, pretrain.py under torchrun, input errors."""
+import glob
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from megalite.config import ConfigError
+from megalite.data.preprocess import preprocess
+from megalite.data.tokenizer import train_tokenizer
+from megalite.training.main import main
+from multiproc import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--lr", "3e-3", "--lr-warmup-iters", "1", "--eval-interval", "3", "--eval-iters", "1", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    src = sysconfig.get_paths()["stdlib"]
+    text = d / "text.txt"
+    text.write_text("".join(open(os.path.join(src, f)).read() for f in ("textwrap.py", "shlex.py", "fnmatch.py")))
+    tok = train_tokenizer([str(text)], str(d / "tok"), 512)
+    preprocess([str(text)], tok, str(d / "data"), split_paragraphs=True, log=lambda *a: None)
+    return ["--data-path", str(d / "data"), "--tokenizer-model", tok]
+
+
+def _main(rank, world, argv):
+    main(argv)
+
+
+def losses(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def train(tmp_path, name, world, argv):
+    out = tmp_path / name
+    run_ranks(_main, world, tmp_path / f"spawn-{name}", TINY + argv + ["--log-dir", str(out)])
+    return losses(out)
+
+
+def test_dp2_loss_curve_equals_dp1(tmp_path, corpus):
+    common = corpus + ["--train-iters", "5", "--global-batch-size", "4", "--micro-batch-size", "2"]
+    one = train(tmp_path, "dp1", 1, common)
+    two = train(tmp_path, "dp2", 2, common)
+    assert [r["iteration"] for r in one] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert one[-1]["loss"] < one[0]["loss"]
+    assert "valid_loss" in one[2] and one[2]["valid_loss"] == pytest.approx(two[2]["valid_loss"], rel=1e-5)
+
+
+def test_resume_is_bitwise_identical(tmp_path, corpus):
+    common = corpus + ["--train-iters", "6", "--global-batch-size", "4", "--micro-batch-size", "2",
+                       "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+    full = train(tmp_path, "full", 2, common)
+    ck = str(tmp_path / "ck")
+    first = train(tmp_path, "first", 2, common + ["--save", ck, "--exit-interval", "3"])
+    assert [r["iteration"] for r in first] == [1, 2, 3]
+    assert open(os.path.join(ck, "latest")).read().strip() == "iter_0000003"
+    rest = train(tmp_path, "rest", 2, common + ["--load", ck])
+    assert [r["iteration"] for r in rest] == [4, 5, 6]
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in full]  # bitwise
+    assert [r["grad_norm"] for r in first + rest] == [r["grad_norm"] for r in full]
+
+
+def test_pretrain_py_under_torchrun_default_corpus(tmp_path):
+    env = dict(os.environ, MEGALITE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    save = tmp_path / "save"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "pretrain.py"), *TINY, "--train-iters", "3", "--save", str(save)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "default corpus" in proc.stdout + proc.stderr
+    records = losses(save)
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in records)
+    assert "lm loss:" in proc.stdout and "tokens/s:" in proc.stdout
+    assert sorted(os.listdir(save / "iter_0000003")) == ["meta.json", "model_tp00.pt", "rng_r00000.pt", "rng_r00001.pt"]
+
+
+def test_bad_data_and_vocab_fail_before_training(tmp_path, corpus):
+    with pytest.raises(Exception, match="nope.idx|nope.bin"):
+        main(TINY + ["--data-path", str(tmp_path / "nope"), "--tokenizer-model", corpus[3]])
+    with pytest.raises(ConfigError, match="tokenizer has 512 tokens but --vocab-size is 100"):
+        main(TINY + corpus + ["--vocab-size", "100"])
+    with pytest.raises(ConfigError, match="no such directory"):
+        main(TINY + corpus + ["--load", str(tmp_path / "missing")])
+    assert not glob.glob(str(tmp_path / "*.jsonl"))
