@@ -53,7 +53,6 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = num_query_groups(cfg)
         self.head_dim = head_dim(cfg)
-        self.rope_base = cfg.rotary_base if cfg.position_embedding_type == "rope" else None
         self.selective_recompute = cfg.recompute_granularity == "selective"
         # Rows grouped per query group: [q heads of g0, k0, v0 | q heads of g1, k1, v1 | ...],
         # so a contiguous row block (one TP rank's) holds whole groups.
@@ -62,16 +61,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
         self.core_attention = CoreAttention(cfg.attention_dropout)
 
-    def forward(self, x, position_ids):
+    def forward(self, x, rope):
         qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP
         s, b = qkv.shape[:2]
         groups, per_group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         qkv = qkv.view(s, b, groups, per_group + 2, d).transpose(0, 1)  # (b, s, groups, per_group+2, d)
         q = qkv[:, :, :, :per_group].reshape(b, s, groups * per_group, d)
         k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (b, s, groups, d)
-        if self.rope_base is not None:
-            cos, sin = rope_tables(position_ids, d, self.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.selective_recompute and self.training:
             out = checkpoint(self.core_attention, q, k, v.contiguous(), use_reentrant=False)
         else:
@@ -103,8 +101,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x, position_ids):
-        attn = self.dropout(self.attention(self.input_norm(x), position_ids))
+    def forward(self, x, rope):
+        attn = self.dropout(self.attention(self.input_norm(x), rope))
         normed, x = self.pre_mlp_norm(attn, residual=x)  # fused residual add when the kernel has one
         return x + self.dropout(self.mlp(normed))
 
@@ -194,11 +192,14 @@ class GPT(nn.Module):
     def forward(self, tokens, position_ids, labels=None):
         """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits."""
         x = self.embedding(tokens, position_ids)
+        rope = None  # cos/sin tables, computed once per forward and shared by all layers
+        if self.cfg.position_embedding_type == "rope":
+            rope = rope_tables(position_ids, head_dim(self.cfg), self.cfg.rotary_base)
         for layer in self.layers:
             if self.full_recompute and self.training:
-                x = checkpoint(layer, x, position_ids, use_reentrant=False)
+                x = checkpoint(layer, x, rope, use_reentrant=False)
             else:
-                x = layer(x, position_ids)
+                x = layer(x, rope)
         logits = self._mask_padding(self.output_layer(self.final_norm(x)))  # [s, b, V_local]
         if labels is None:
             return logits.transpose(0, 1)
