@@ -253,5 +253,5 @@ def test_default_corpus_race_loser_uses_winner(corpus):
     # A second builder finishing after the first published: its rename fails and it keeps the winner's.
     default_corpus._build(cache, {"max_bytes": 150_000, "vocab_size": 500}, logs.append)
     assert "another process built" in logs[-1]
-    assert os.listdir(os.path.dirname(cache)) == [os.path.basename(cache)]  # its temp dir is gone
+    assert sorted(os.listdir(os.path.dirname(cache))) == ["corpus", "corpus.lock"]  # its temp dir is gone
     assert ensure_default_corpus(cache, lambda m: None, max_bytes=150_000, vocab_size=500) == (prefix, model)

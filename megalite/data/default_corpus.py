@@ -9,10 +9,13 @@ The same Python version gives the same corpus; another version gives a slightly 
 Cache: ``$MEGALITE_CACHE/default-corpus-v1``, else ``~/.cache/megalite/default-corpus-v1``. It is
 built in a temporary sibling directory and renamed into place in one step, so no process ever
 sees half a cache; when two processes build at once the first rename wins and the other uses
-its result. ``manifest.json`` records what was built; a cache built with other parameters is an
+its result. A lock file beside the cache makes processes that start together (every rank of a
+launch) wait for one builder instead of all building; the rename alone keeps it correct where
+the file system has no locks. ``manifest.json`` records what was built; a cache built with other parameters is an
 error, not a silent rebuild.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -68,10 +71,16 @@ def ensure_default_corpus(cache_dir: str | None = None, log: Callable[[str], Non
     """Build the default corpus unless cached; returns (data prefix, tokenizer .model path)."""
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     params = {"max_bytes": max_bytes, "vocab_size": vocab_size}
-    if not os.path.isdir(cache_dir) or not os.listdir(cache_dir):
-        _build(cache_dir, params, log)
-    else:
-        log(f"default corpus: using the cache at {cache_dir}")
+    os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
+    with open(cache_dir + ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locking on this file system: concurrent builds stay safe through the rename
+        if not os.path.isdir(cache_dir) or not os.listdir(cache_dir):
+            _build(cache_dir, params, log)
+        else:
+            log(f"default corpus: using the cache at {cache_dir}")
     return _check(cache_dir, params)
 
 
@@ -79,9 +88,7 @@ def _build(cache_dir: str, params: dict, log: Callable[[str], None]) -> None:
     start = time.perf_counter()
     files = stdlib_sources(params["max_bytes"])
     log(f"default corpus: building it once from {len(files)} Python standard library files into {cache_dir}")
-    parent = os.path.dirname(cache_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(cache_dir)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(cache_dir)}.tmp-", dir=os.path.dirname(cache_dir))
     try:
         model = train_tokenizer(files, os.path.join(tmp, "tokenizer"), params["vocab_size"])
         docs, tokens = write_dataset((_read(p) for p in files), Tokenizer(model), os.path.join(tmp, "corpus"))
