@@ -1,0 +1,202 @@
+"""Block attention backends: one (q block, kv block) attention returning (out, lse), and its backward.
+
+Context-parallel attention is built from such blocks, merged through their log-sum-exp.
+
+Layout (all backends):
+  q (B, Sq, H, D); k, v (B, Sk, G, D) with H % G == 0 (GQA: q head h reads kv head h // (H/G));
+  out (B, Sq, H, D) in q's dtype; lse (B, H, Sq), natural log, float32 (float64 for float64 inputs).
+``causal=True`` is the top-left aligned mask and requires Sq == Sk, so no query row is ever
+fully masked (the CPU kernel would report lse = 0 for such a row instead of -inf).
+
+``backward(dout, q, k, v, out, lse, ...)`` takes the FINAL out and lse of each query row (after
+every block of the row was merged). Then P = exp(q k^T * scale - lse) is the row's true
+probability restricted to this block, and the per-block gradients add up to the exact gradient.
+
+Backends:
+  flash_attn  flash-attn's kernels (CUDA, fp16/bf16), used when the package is installed;
+  torch_cuda  torch's bundled flash kernel (CUDA, fp16/bf16, head_dim % 8 == 0, <= 256);
+  torch_cpu   torch's CPU flash kernel (fp32, bf16, fp64);
+  math        plain einsum reference in fp32/fp64 (tests; fp32 on CUDA). Materialises Sq x Sk.
+The aten ops used here exist with these signatures in torch 2.4 through 2.13.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(q, k, causal):
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal block attention needs Sq == Sk (got {q.shape[1]} and {k.shape[1]}); "
+                         "split the block into a causal square and a full rectangle")
+
+
+def _bhsd(*ts):
+    """(B, S, H, D) -> (B, H, S, D) views, no copy."""
+    return [t.transpose(1, 2) for t in ts]
+
+
+class MathBackend:
+    """Reference: scores materialised in fp32 (fp64 for fp64 inputs)."""
+    name = "math"
+
+    @staticmethod
+    def _probs(q, k, lse, causal, scale):
+        b, sq, h, d = q.shape
+        g = k.shape[2]
+        acc = _acc_dtype(q)
+        qg = q.to(acc).view(b, sq, g, h // g, d)  # (B, Sq, G, H/G, D)
+        s = torch.einsum("bqgrd,bkgd->bgrqk", qg, k.to(acc)) * scale  # (B, G, H/G, Sq, Sk)
+        if causal:
+            s = s.masked_fill(torch.ones(sq, sq, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1)  # (B, G, H/G, Sq)
+        else:
+            lse = lse.view(b, g, h // g, sq)
+        return torch.exp(s - lse.unsqueeze(-1)), lse, qg
+
+    def forward(self, q, k, v, causal, scale):
+        _check(q, k, causal)
+        b, sq, h, d = q.shape
+        p, lse, _ = self._probs(q, k, None, causal, scale)
+        out = torch.einsum("bgrqk,bkgd->bqgrd", p, v.to(p.dtype)).reshape(b, sq, h, d)
+        return out.to(q.dtype), lse.reshape(b, h, sq)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        b, sq, h, d = q.shape
+        g = k.shape[2]
+        p, _, qg = self._probs(q, k, lse, causal, scale)
+        do = dout.to(p.dtype).view(b, sq, g, h // g, d)
+        delta = (do * out.to(p.dtype).view_as(do)).sum(-1).permute(0, 2, 3, 1)  # (B, G, H/G, Sq)
+        vv, kk = v.to(p.dtype), k.to(p.dtype)
+        dv = torch.einsum("bgrqk,bqgrd->bkgd", p, do)
+        ds = p * (torch.einsum("bqgrd,bkgd->bgrqk", do, vv) - delta.unsqueeze(-1))
+        dq = torch.einsum("bgrqk,bkgd->bqgrd", ds, kk).reshape(b, sq, h, d) * scale
+        dk = torch.einsum("bgrqk,bqgrd->bkgd", ds, qg) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class TorchCPUBackend:
+    """torch's CPU flash kernel, layout (B, H, S, D); handles GQA itself (K/V are not repeated)."""
+    name = "torch_cpu"
+
+    def forward(self, q, k, v, causal, scale):
+        _check(q, k, causal)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(*_bhsd(q, k, v), 0.0, causal, scale=scale)
+        return out.transpose(1, 2), lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *_bhsd(dout, q, k, v, out), lse, 0.0, causal, scale=scale)
+        return tuple(t.transpose(1, 2) for t in grads)
+
+
+class TorchCUDABackend:
+    """torch's bundled flash kernel (fp16/bf16), layout (B, H, S, D). With dropout 0 the kernel
+    ignores the RNG state and the cumulative-length tensors (dense batch), so none is kept."""
+    name = "torch_cuda"
+
+    def forward(self, q, k, v, causal, scale):
+        _check(q, k, causal)
+        res = aten._scaled_dot_product_flash_attention(*_bhsd(q, k, v), 0.0, causal, False, scale=scale)
+        return res[0].transpose(1, 2), res[1]
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        rng = torch.empty(0, device=q.device)
+        sq, sk = q.shape[1], k.shape[1]
+        grads = aten._scaled_dot_product_flash_attention_backward(
+            *_bhsd(dout, q, k, v, out), lse, None, None, sq, sk, 0.0, causal, rng, rng, scale=scale)
+        return tuple(t.transpose(1, 2) for t in grads)
+
+
+class FlashAttnBackend:
+    """The flash-attn package (CUDA, fp16/bf16), layout (B, S, H, D) natively.
+    Its private backward changed signature across 2.x releases, so keyword arguments are
+    matched against the installed one."""
+    name = "flash_attn"
+
+    def __init__(self):
+        from flash_attn import flash_attn_func
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+        self._fwd, self._bwd = flash_attn_func, _flash_attn_backward
+        params = inspect.signature(_flash_attn_backward).parameters
+        window = {"window_size": (-1, -1)} if "window_size" in params else {
+            "window_size_left": -1, "window_size_right": -1}
+        extra = {"softcap": 0.0, "alibi_slopes": None, "deterministic": False, "rng_state": None, **window}
+        self._bwd_kwargs = {n: val for n, val in extra.items() if n in params}
+
+    def forward(self, q, k, v, causal, scale):
+        _check(q, k, causal)
+        out, lse, _ = self._fwd(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._bwd(dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale,
+                  causal=causal, **self._bwd_kwargs)
+        return dq, dk, dv
+
+
+_BACKENDS = {"math": MathBackend, "torch_cpu": TorchCPUBackend, "torch_cuda": TorchCUDABackend,
+             "flash_attn": FlashAttnBackend}
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def get_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                head_dim: int = 64):
+    """A backend by name; "auto" picks the fastest one that supports (device, dtype, head_dim):
+    flash_attn > torch_cuda > math on CUDA, torch_cpu on CPU."""
+    device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        if device.type != "cuda":
+            name = "torch_cpu"
+        elif half and flash_attn_available():
+            name = "flash_attn"
+        else:
+            name = "torch_cuda" if half and head_dim % 8 == 0 and head_dim <= 256 else "math"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose auto or one of {sorted(_BACKENDS)}")
+    if name == "flash_attn" and not flash_attn_available():
+        raise RuntimeError("attention backend flash_attn requested but flash-attn is not installed; "
+                           "pip install flash-attn, or use the torch kernels (--use-flash-attn off)")
+    if name in ("flash_attn", "torch_cuda") and (device.type != "cuda" or not half):
+        raise ValueError(f"attention backend {name} needs CUDA fp16/bf16 tensors (got {device.type} {dtype})")
+    return _BACKENDS[name]()
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        out, lse = backend.forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, backend = ctx.args
+        return (*backend.backward(dout, q, k, v, out, lse, causal, scale), None, None, None)
+
+
+def block_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
+    """Differentiable single-block attention with a chosen backend: q (B, S, H, D),
+    k/v (B, S, G, D) -> (B, S, H, D). Used where a rank holds the whole sequence (Ulysses)."""
+    if isinstance(backend, str):
+        backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _BlockAttention.apply(q, k, v, causal, scale, backend)

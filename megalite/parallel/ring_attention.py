@@ -1,0 +1,160 @@
+"""Zigzag ring attention: exact causal attention over a sequence sharded across a CP group.
+
+Each CP rank holds its zigzag pair of chunks (see context_parallel.py): local sequence
+[chunk r | chunk 2*CP-1-r], 2c tokens. K/V blocks travel around the ring (rank r sends to r+1,
+receives from r-1) with ``batch_isend_irecv``; the next hop is posted before the current block is
+computed, so communication hides behind attention. Only the KV heads travel (GQA is never
+expanded on the wire).
+
+Forward, ring step i on rank r holds the K/V pair of rank s = r - i (mod CP):
+  i = 0   causal attention of the local pair on itself;
+  s < r   the incoming chunk s precedes both local chunks, its chunk 2*CP-1-s follows both:
+          all 2c local queries attend to the first half (c keys) of the block;
+  s > r   neither incoming chunk precedes local chunk r; both precede local chunk 2*CP-1-r:
+          the second half (c queries) attends to the whole block (2c keys).
+So every step after the first computes exactly one half block (c x 2c): the load balance.
+Partial outputs merge through their log-sum-exp in fp32 (fp64 for fp64 inputs):
+  lse' = logaddexp(lse, lse_b),  out' = out - sigmoid(lse_b - lse) * (out - out_b).
+
+Backward: K/V circulate again. dK/dV of the block held at step i >= 1 rides a second ring
+one step behind: rank r adds its part to the partial sum received from r-1 (which held the
+same block one step earlier) and passes it on; after the last step the sum arrives at the
+block's owner, which adds the part it computed at step 0. Each rank sends CP-1 K/V blocks
+forward, CP-1 again backward, and CP-1 dK/dV blocks (fp32), the minimum for a ring.
+
+Communication: forward: CP-1 K/V hops / backward: CP-1 K/V hops + CP-1 dK/dV hops. A size-1
+group is plain causal attention. Layout (batch, seq, heads, head_dim) throughout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..ops.attention import get_backend
+
+
+def ring_peers(group) -> tuple[int, int]:
+    """Global ranks of the next (send to) and previous (receive from) ring neighbours."""
+    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    return dist.get_global_rank(group, (r + 1) % cp), dist.get_global_rank(group, (r - 1) % cp)
+
+
+def exchange(sends, recvs, peers, group):
+    """Post isend of each tensor in ``sends`` to the next rank and irecv into each buffer of
+    ``recvs`` from the previous one, as one batch; returns the requests to wait on. Tags keep
+    same-peer messages apart (on CP=2 next and previous are the same rank)."""
+    nxt, prev = peers
+    ops = [dist.P2POp(dist.isend, t, nxt, group, tag) for tag, t in enumerate(sends)]
+    ops += [dist.P2POp(dist.irecv, t, prev, group, tag) for tag, t in enumerate(recvs)]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def merge_partial(out, lse, block_out, block_lse):
+    """Fold one block's (out, lse) into the accumulators, in place. out (B, S, H, D) and
+    lse (B, H, S) are fp32/fp64 (views allowed); block_out any dtype, block_lse (B, H, S)."""
+    block_lse = block_lse.to(lse.dtype)
+    weight = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, S, H, 1)
+    out.sub_(weight * (out - block_out.to(out.dtype)))
+    lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+def _step_slices(step: int, rank: int, causal: bool, half: int):
+    """(local query slice, incoming K/V slice) that interact at ring step ``step``."""
+    whole = slice(None)
+    if not causal or step == 0:
+        return whole, whole
+    if step <= rank:  # source rank r - step < r: its first chunk precedes both local chunks
+        return whole, slice(0, half)
+    return slice(half, None), whole  # source > r: only the late local chunk sees it, fully
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, scale, backend):
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        peers, half = ring_peers(group), q.shape[1] // 2
+        kv = torch.stack([k, v])  # (2, B, S, G, D): one message per hop
+        out = lse = None
+        for step in range(cp):
+            incoming = torch.empty_like(kv) if step + 1 < cp else None
+            reqs = exchange([kv], [incoming], peers, group) if incoming is not None else []
+            qs, ks = _step_slices(step, rank, causal, half)
+            block_out, block_lse = backend.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal and step == 0, scale)
+            if step == 0:  # step 0 covers every local query
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                out, lse = block_out.to(acc), block_lse.to(acc).contiguous()
+            else:
+                merge_partial(out[:, qs], lse[:, :, qs], block_out, block_lse)
+            for req in reqs:
+                req.wait()
+            kv = incoming
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, scale, backend = ctx.args
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        peers, half = ring_peers(group), q.shape[1] // 2
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=lse.dtype)
+        kv = torch.stack([k, v])
+        own = partial = None  # own: this rank's step-0 dK/dV; partial: running sum for the held block
+        for step in range(cp):
+            sends, recvs = [], []
+            if step + 1 < cp:
+                sends.append(kv)
+                recvs.append(torch.empty_like(kv))
+            if step >= 2:  # the partial dK/dV from step - 1 moves on while this step computes
+                sends.append(partial)
+                recvs.append(torch.empty_like(partial))
+            reqs = exchange(sends, recvs, peers, group)
+            qs, ks = _step_slices(step, rank, causal, half)
+            bq, bk, bv = backend.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
+                                          lse[:, :, qs].contiguous(), causal and step == 0, scale)
+            dq[:, qs] += bq
+            for req in reqs:
+                req.wait()
+            if step == 0:
+                own = torch.stack([bk, bv]).to(lse.dtype)
+            else:
+                partial = recvs[-1] if step >= 2 else kv.new_zeros(kv.shape, dtype=lse.dtype)
+                partial[0][:, ks] += bk
+                partial[1][:, ks] += bv
+            if step + 1 < cp:
+                kv = recvs[0]
+        if cp > 1:  # last hop: the finished sum reaches its owner (the next rank)
+            arrived = torch.empty_like(partial)
+            for req in exchange([partial], [arrived], peers, group):
+                req.wait()
+            own += arrived
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None
+
+
+def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,
+                   backend="auto"):
+    """Exact attention over a sequence sharded in zigzag order over ``group``.
+
+    q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim), where the
+    local sequence is this rank's zigzag pair (``zigzag_split``) and heads % kv_heads == 0.
+    Returns (batch, local_seq, heads, head_dim) in q's dtype, differentiable in q, k and v.
+    ``causal=False`` is a plain ring over whole blocks (any sharding works then).
+    ``backend``: "auto" or a name from megalite.ops.attention (or a backend object).
+    Every rank of ``group`` must call it with the same shapes.
+    forward: CP-1 K/V ring hops / backward: CP-1 K/V hops + CP-1 fp32 dK/dV hops.
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"ring_attention expects q (B, S, H, D) and k, v (B, S, G, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
+    if causal and dist.get_world_size(group) > 1 and q.shape[1] % 2:
+        raise ValueError(f"local sequence length {q.shape[1]} is odd; a zigzag pair has two equal chunks")
+    if isinstance(backend, str):
+        backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _RingAttention.apply(q, k, v, group, causal, scale, backend)
