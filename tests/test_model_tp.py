@@ -1,0 +1,152 @@
+"""The whole GPT under tensor (+ sequence) parallel equals one rank: loss and every gradient.
+
+One spawn of 4 gloo ranks checks TP=4 and TP=2 (two independent pairs), each with and
+without sequence parallel, on model variants covering GQA + SwiGLU + RMSNorm + biases (tied
+embeddings, RoPE) and MHA + GELU + LayerNorm + learned positions (untied), with full and
+selective recompute. Two micro-batches are accumulated, so the sequence-parallel gradient
+hooks must keep sum semantics.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+from megalite.config import ConfigError, ModelConfig
+from megalite.model import GPT
+from megalite.parallel.apply_tp import apply_tp, validate_tp
+from multiproc import run_ranks
+
+VOCAB = 37  # prime: padded to 40 dense, 48 at TP=2, 64 at TP=4 (with divisible-by 8)
+SEQ, BATCH = 8, 2
+VARIANTS = [
+    dict(swiglu=True, normalization="RMSNorm", group_query_attention=True, num_query_groups=4,
+         num_attention_heads=8, hidden_size=32, ffn_hidden_size=24, recompute_granularity="selective"),
+    dict(position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=True,
+         num_attention_heads=4, hidden_size=20, ffn_hidden_size=28, recompute_granularity="full"),
+]
+
+
+def _cfg(**kw):
+    return ModelConfig(**{"num_layers": 2, "seq_length": SEQ, "make_vocab_size_divisible_by": 8, **kw})
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+        labels = tokens[:, 1:].clone()
+        labels[0, :3] = -100  # ignored positions
+        mask = (torch.rand(BATCH, SEQ, generator=g) > 0.2).double()
+        out.append((tokens[:, :-1], torch.arange(SEQ).expand(BATCH, SEQ), labels, mask))
+    return out
+
+
+def _train_grads(model, batches):
+    """Accumulate grads of sum(loss * mask) / tokens over micro-batches; return the losses."""
+    model.train()
+    total = sum(m.sum() for *_, m in batches)
+    losses = []
+    for tokens, pos, labels, mask in batches:
+        loss = model(tokens, pos, labels)
+        (loss * mask).sum().div(total).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def _gather(local, dense_shape, group):
+    """Concatenate the TP shards of `local` along the one dim where it is smaller than dense."""
+    diff = [d for d in range(local.dim()) if local.shape[d] != dense_shape[d]]
+    if not diff:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=diff[0])
+
+
+def _check_one(kw, group, sp):
+    tp = dist.get_world_size(group)
+    cfg = _cfg(**kw)
+    batches = _batches(2)
+    dense = GPT(cfg, VOCAB, seed=11)
+    want = _train_grads(dense, batches)
+
+    model = apply_tp(GPT(cfg, VOCAB, seed=11), group, sp)
+    seen = []  # the norm must run on the rank's sequence shard under SP
+    hook = model.layers[0].input_norm.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    got = _train_grads(model, batches)
+    hook.remove()
+    assert set(seen) == {SEQ // tp if sp else SEQ}
+    tag = f"tp={tp} sp={sp} {kw}"
+    for g, w in zip(got, want):
+        assert_close(g, w, msg=tag)
+
+    dense_params = dict(dense.named_parameters())
+    assert set(dict(model.named_parameters())) == set(dense_params), tag
+    norm_sq_sharded, norm_sq_replicated = 0.0, 0.0
+    for name, p in model.named_parameters():
+        ref = dense_params[name]
+        full = _gather(p.grad, ref.shape, group)
+        rows = ref.shape[0]  # vocab-padded tensors: TP pads further; extra rows must stay zero
+        assert_close(full[:rows], ref.grad, msg=f"{tag} {name}")
+        assert not full[rows:].any(), f"{tag} {name}"
+        if getattr(p, "tensor_model_parallel", False):
+            norm_sq_sharded += p.grad.pow(2).sum()
+        else:
+            norm_sq_replicated += p.grad.pow(2).sum()
+    # What grad clipping computes: shards summed over TP, replicated params counted once.
+    sharded = torch.tensor([float(norm_sq_sharded)], dtype=torch.float64)
+    dist.all_reduce(sharded, group=group)
+    dense_norm_sq = sum(p.grad.pow(2).sum() for p in dense.parameters())
+    assert_close(sharded[0] + norm_sq_replicated, dense_norm_sq, msg=tag)
+
+    if cfg.untie_embeddings_and_output_weights:
+        assert model.output_layer.weight is not model.embedding.word.weight
+    else:
+        assert model.output_layer.weight is model.embedding.word.weight
+    assert model.layers[0].attention.num_heads == cfg.num_attention_heads // tp
+
+    model.eval()
+    dense.eval()
+    tokens, pos, *_ = batches[0]
+    logits = _gather(model(tokens, pos), (BATCH, SEQ, VOCAB), group)  # vocab shards [b, s, V/tp]
+    assert_close(logits[..., :VOCAB], dense(tokens, pos)[..., :VOCAB], msg=tag)
+    assert torch.isinf(logits[..., VOCAB:]).all(), "padded vocabulary must never be predicted"
+
+
+def _model_checks(rank, world):
+    torch.set_default_dtype(torch.float64)  # exact parity; this spawned process only
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank joins both calls
+    groups = [dist.group.WORLD, pairs[rank // 2]]
+    for group in groups:
+        for sp in (False, True):
+            for kw in VARIANTS:
+                _check_one(kw, group, sp)
+
+
+def test_tp_model_matches_single_rank(tmp_path):
+    run_ranks(_model_checks, 4, tmp_path)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_attention_heads=6, hidden_size=24), "--num-attention-heads 6 is not divisible"),
+    (dict(num_attention_heads=8, hidden_size=32, group_query_attention=True, num_query_groups=2),
+     "--num-query-groups 2 is not divisible"),
+    (dict(ffn_hidden_size=30), "--ffn-hidden-size 30 is not divisible"),
+])
+def test_validate_tp_rejects_indivisible_model(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_tp(_cfg(**kw), 4, False)
+
+
+def test_validate_tp_sequence_parallel():
+    with pytest.raises(ConfigError, match="make --seq-length a multiple of 8"):
+        validate_tp(_cfg(seq_length=12), 4, True, cp=2)
+    validate_tp(_cfg(seq_length=12), 4, False, cp=2)
+    with pytest.warns(UserWarning, match="no effect with --tensor-parallel-size 1"):
+        validate_tp(_cfg(num_attention_heads=3, hidden_size=9), 1, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_tp(_cfg(), 1, False)
