@@ -69,6 +69,8 @@ def test_resume_is_bitwise_identical(tmp_path, corpus):
     assert [r["iteration"] for r in rest] == [4, 5, 6]
     assert [r["loss"] for r in first + rest] == [r["loss"] for r in full]  # bitwise
     assert [r["grad_norm"] for r in first + rest] == [r["grad_norm"] for r in full]
+    with pytest.raises(ConfigError, match="holds a different model.*hidden_size"):
+        main(TINY + corpus + ["--load", ck, "--hidden-size", "32"])
 
 
 def test_pretrain_py_under_torchrun_default_corpus(tmp_path):

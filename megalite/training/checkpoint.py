@@ -113,12 +113,12 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
     return final
 
 
-def check_compatible(meta: dict, dims, cfg, vocab_size: int, ckpt_dir: str) -> None:
-    """Fail before loading anything when the checkpoint cannot continue this run."""
-    lay = meta["layout"]
-    if (lay["tp"], lay["cp"]) != (dims.tp, dims.cp):
+def check_compatible(meta: dict, cfg, vocab_size: int, ckpt_dir: str) -> None:
+    """Fail before loading anything (and before any collective) when the checkpoint cannot continue this run."""
+    lay, tp, cp = meta["layout"], cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    if (lay["tp"], lay["cp"]) != (tp, cp):
         raise ConfigError(f"{ckpt_dir} was saved with TP={lay['tp']} CP={lay['cp']}; this run has "
-                          f"TP={dims.tp} CP={dims.cp}. Load it with the same sizes")
+                          f"TP={tp} CP={cp}. Load it with the same sizes")
     mismatch = {k: (v, getattr(cfg.model, k)) for k, v in meta["model"].items()
                 if k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                          "ffn_hidden_size", "swiglu", "normalization", "kv_channels")

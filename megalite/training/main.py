@@ -20,7 +20,7 @@ from ..data.indexed import IndexedDataset
 from ..data.tokenizer import Tokenizer
 from ..model import GPT
 from ..parallel.dims import ParallelDims, check_layout
-from ..parallel.parallelize import parallelize, validate_layout
+from ..parallel.parallelize import parallelize, unwrap, validate_layout
 from . import checkpoint
 from .logging import MetricsLogger, peak_tflops
 from .loop import TrainState, train
@@ -75,23 +75,25 @@ def main(argv=None) -> int:
     tokenizer = Tokenizer(tok_path)
     vocab = vocab_size_for(cfg, tokenizer)
     if ckpt_dir is not None:
-        meta = checkpoint.read_meta(ckpt_dir)
+        checkpoint.check_compatible(checkpoint.read_meta(ckpt_dir), cfg, vocab, ckpt_dir)
+    train_set, valid_set, _ = build_datasets(prefix, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+                                             tokenizer.eod, tokenizer_vocab_size=tokenizer.vocab_size)
+    train_set.check_nonempty()
+    if cfg.train.eval_iters > 0 and cfg.train.eval_interval:
+        valid_set.check_nonempty()
+    else:
+        valid_set = None
 
     env = distributed.init(cfg)
     device = env.device
     dims = ParallelDims.build(cfg.parallel, device.type)
-    if ckpt_dir is not None:
-        checkpoint.check_compatible(meta, dims, cfg, vocab, ckpt_dir)
     torch.manual_seed(cfg.train.seed)  # same on every rank, as in Megatron: replicated dropout agrees
-    train_set, valid_set, _ = build_datasets(prefix, cfg.data.split, cfg.model.seq_length,
-                                             cfg.train.seed, tokenizer.eod)
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     flops_n = model.num_params() - (model.embedding.position.weight.numel() if model.embedding.position else 0)
     model = parallelize(model, dims, cfg, device)
     optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt_dir is not None:
-        from ..parallel.parallelize import unwrap
         meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims)
         state = TrainState(meta["iteration"], meta["consumed_samples"])
 
