@@ -1,8 +1,9 @@
 """Autograd-aware collectives for tensor and sequence parallelism.
 
-Each public function takes its process group explicitly and is one small autograd Function
-whose docstring says ``forward: X / backward: Y``. A size-1 group returns the input
-unchanged, so one rank runs the same code path as many.
+Each public function takes its process group explicitly and documents
+``forward: X / backward: Y``; all of them are one autograd Function (``_Pair``) applied with
+their forward and backward collective. A size-1 group returns the input unchanged, so one
+rank runs the same code path as many.
 
 Layout: activations are ``[seq, batch, hidden]``; the sequence-parallel ops split and join
 along dim 0, the tensor-parallel ones along the last dim.
@@ -107,95 +108,44 @@ def _all_gather_last(x: torch.Tensor, group, phase: str) -> torch.Tensor:
     return torch.cat(parts.unbind(0), dim=-1)
 
 
-def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    p, r = dist.get_world_size(group), dist.get_rank(group)
-    return x.chunk(p, dim=dim)[r].contiguous()
+def _split_dim0(x: torch.Tensor, group, phase: str) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].contiguous()
 
 
-def _check_divisible(x: torch.Tensor, dim: int, group, what: str) -> None:
+def _split_last(x: torch.Tensor, group, phase: str) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def _sum(x: torch.Tensor, group, phase: str) -> torch.Tensor:
+    return all_reduce(x, group, phase=phase)
+
+
+def _identity(x: torch.Tensor, group, phase: str) -> torch.Tensor:
+    return x.view_as(x)  # a new autograd view, never the input object itself
+
+
+class _Pair(torch.autograd.Function):
+    """forward: ``fwd(x)`` / backward: ``bwd(grad)``, both over ``group``."""
+
+    @staticmethod
+    def forward(ctx, x, group, fwd, bwd):
+        ctx.group, ctx.bwd = group, bwd
+        return fwd(x, group, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.bwd(g, ctx.group, "backward"), None, None, None
+
+
+def _apply(x, group, fwd, bwd, split_dim=None, name=""):
     p = dist.get_world_size(group)
-    if x.shape[dim] % p:
-        raise ValueError(f"{what}: dim {dim} of shape {tuple(x.shape)} is not divisible by the "
+    if p == 1:
+        return x
+    if split_dim is not None and x.shape[split_dim] % p:  # checked on every rank, before communicating
+        raise ValueError(f"{name}: dim {split_dim} of shape {tuple(x.shape)} is not divisible by the "
                          f"tensor-parallel size {p}; pad the sequence length (--seq-length) or the "
                          f"feature size to a multiple of {p}")
-
-
-# ---- autograd Functions ----
-
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_reduce(g, ctx.group, phase="backward"), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _ScatterLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_last(g, ctx.group, "backward"), None
-
-
-class _GatherLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_last(x, group, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, -1, ctx.group), None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_dim0(g, ctx.group, "backward"), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_dim0(x, group, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_dim0(g, ctx.group, "backward"), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, 0, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_dim0(g, ctx.group, "backward"), None
+    return _Pair.apply(x, group, fwd, bwd)
 
 
 # ---- public API ----
@@ -203,52 +153,43 @@ class _ScatterSeq(torch.autograd.Function):
 def copy_to_region(x: torch.Tensor, group) -> torch.Tensor:
     """Enter a tensor-parallel region with a replicated input.
     forward: identity / backward: all-reduce (sum) over ``group``."""
-    return x if dist.get_world_size(group) == 1 else _CopyToRegion.apply(x, group)
+    return _apply(x, group, _identity, _sum)
 
 
 def reduce_from_region(x: torch.Tensor, group) -> torch.Tensor:
     """Leave a tensor-parallel region by summing partial results.
     forward: all-reduce (sum) over ``group`` / backward: identity."""
-    return x if dist.get_world_size(group) == 1 else _ReduceFromRegion.apply(x, group)
+    return _apply(x, group, _sum, _identity)
 
 
 def scatter_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's contiguous block of the last dim.
     forward: split (no communication) / backward: all-gather along the last dim."""
-    if dist.get_world_size(group) == 1:
-        return x
-    _check_divisible(x, -1, group, "scatter_last_dim")
-    return _ScatterLast.apply(x, group)
+    return _apply(x, group, _split_last, _all_gather_last, -1, "scatter_last_dim")
 
 
 def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's block along the last dim, in rank order.
     forward: all-gather along the last dim / backward: split (keep this rank's block)."""
-    return x if dist.get_world_size(group) == 1 else _GatherLast.apply(x, group)
+    return _apply(x, group, _all_gather_last, _split_last)
 
 
 def gather_along_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Sequence shards [s/p, b, h] -> full sequence [s, b, h] ahead of a column-parallel layer.
     forward: all-gather along dim 0 / backward: reduce-scatter (sum) along dim 0."""
-    return x if dist.get_world_size(group) == 1 else _GatherSeq.apply(x, group)
+    return _apply(x, group, _all_gather_dim0, _reduce_scatter_dim0)
 
 
 def reduce_scatter_along_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Partial sums [s, b, h] -> this rank's summed sequence shard [s/p, b, h].
     forward: reduce-scatter (sum) along dim 0 / backward: all-gather along dim 0."""
-    if dist.get_world_size(group) == 1:
-        return x
-    _check_divisible(x, 0, group, "reduce_scatter_along_sequence")
-    return _ReduceScatterSeq.apply(x, group)
+    return _apply(x, group, _reduce_scatter_dim0, _all_gather_dim0, 0, "reduce_scatter_along_sequence")
 
 
 def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Replicated [s, b, h] -> this rank's sequence shard [s/p, b, h].
     forward: split along dim 0 (no communication) / backward: all-gather along dim 0."""
-    if dist.get_world_size(group) == 1:
-        return x
-    _check_divisible(x, 0, group, "scatter_to_sequence")
-    return _ScatterSeq.apply(x, group)
+    return _apply(x, group, _split_dim0, _all_gather_dim0, 0, "scatter_to_sequence")
 
 
 def all_reduce_grad_hook(param: torch.nn.Parameter, group) -> None:
