@@ -35,6 +35,7 @@ class ParallelDims:
     cp: int
     tp: int
     mesh: DeviceMesh
+    dp_cp_mesh: DeviceMesh  # flattened DP x CP, kept here: slicing it back out of `mesh` is deprecated
     sequence_parallel: bool = False
 
     @staticmethod
@@ -44,12 +45,12 @@ class ParallelDims:
         tp, cp = cfg.tensor_parallel_size, cfg.context_parallel_size
         dp = check_layout(world, tp, cp)
         mesh = init_device_mesh(device_type, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
-        mesh["dp", "cp"]._flatten("dp_cp")
-        return ParallelDims(world, rank, dp, cp, tp, mesh, cfg.sequence_parallel and tp > 1)
+        dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
+        return ParallelDims(world, rank, dp, cp, tp, mesh, dp_cp, cfg.sequence_parallel and tp > 1)
 
     def group(self, name: str) -> dist.ProcessGroup:
         """'dp', 'cp', 'tp' or 'dp_cp'."""
-        return self.mesh[name].get_group()
+        return (self.dp_cp_mesh if name == "dp_cp" else self.mesh[name]).get_group()
 
     @property
     def tp_group(self):
