@@ -1,0 +1,210 @@
+"""Fused LayerNorm / RMSNorm in Triton: forward, backward, optional fused residual add.
+
+Rows are the flattened leading dims of ``x`` ([..., N] -> [M, N]); each forward program owns one
+row and keeps it in registers, so N is limited to ``MAX_HIDDEN``. Statistics (mean, 1/std) are
+computed and saved in fp32 whatever the input dtype; outputs are rounded once at the end.
+
+Backward, with x_hat = (x - mean) * rstd (RMSNorm: x * rstd) and g = w * dy:
+    LayerNorm  dx = rstd * (g - mean(g * x_hat) * x_hat - mean(g))
+    RMSNorm    dx = rstd * (g - mean(g * x_hat) * x_hat)
+    dw = sum_rows(dy * x_hat),  db = sum_rows(dy)
+dw / db are reduced in two stages: each backward program walks a contiguous block of rows and
+accumulates its own fp32 partial sum in registers, writes it to a [programs, N] buffer, and
+torch sums that buffer over programs. No atomics, so results are deterministic.
+
+Fused residual: ``norm(x + residual)`` also returns the sum (in the promoted dtype, as the
+torch expression would), which the block carries on as its residual stream. The sum's gradient
+is added to dx inside the backward kernel, and x and residual share that gradient.
+
+Weight gradients are local to the rows this process saw; under sequence parallel the caller
+sums them over the TP group (apply_tp's gradient hooks do).
+
+On a machine without a GPU the kernels only run in Triton's interpreter, which must be switched
+on with TRITON_INTERPRET=1 before triton is first imported (tests do this).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+MAX_HIDDEN = 65536  # one row per program, held in registers
+
+
+@triton.jit
+def _norm_fwd(x_ptr,  # [M, N] input
+              res_ptr,  # [M, N] residual (only read when HAS_RESIDUAL)
+              w_ptr,  # [N] weight
+              b_ptr,  # [N] bias (only read when HAS_BIAS)
+              y_ptr,  # [M, N] normalized output
+              sum_ptr,  # [M, N] x + residual output (only written when HAS_RESIDUAL)
+              mean_ptr,  # [M] fp32 row mean (LayerNorm only)
+              rstd_ptr,  # [M] fp32 row 1/std
+              N, eps,
+              IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    offs = row * N + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s = (x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + offs, s, mask=mask)
+        x = s.to(tl.float32)  # normalize the rounded sum: it is what backward will see
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / N
+        tl.store(mean_ptr + row, mean)
+        xc = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    tl.store(rstd_ptr + row, rstd)
+    y = xc * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd(dy_ptr,  # [M, N] gradient of the normalized output
+              x_ptr,  # [M, N] the normalized input (the sum, with a residual)
+              w_ptr,  # [N] weight
+              mean_ptr,  # [M] fp32 (LayerNorm only)
+              rstd_ptr,  # [M] fp32
+              dsum_ptr,  # [M, N] gradient of the sum output (only read when HAS_DSUM)
+              dx_ptr,  # [M, N] input gradient
+              dw_ptr,  # [programs, N] fp32 per-program partial weight gradient
+              db_ptr,  # [programs, N] fp32 per-program partial bias gradient (only when HAS_BIAS)
+              M, N, rows_per_program,
+              IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DSUM: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = pid * rows_per_program
+    end = tl.minimum(start + rows_per_program, M)
+    for row in range(start, end):
+        offs = row * N + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        if IS_RMS:
+            x_hat = x * rstd
+        else:
+            x_hat = tl.where(mask, (x - tl.load(mean_ptr + row)) * rstd, 0.0)
+        g = w * dy
+        c1 = tl.sum(g * x_hat, axis=0) / N
+        if IS_RMS:
+            dx = (g - c1 * x_hat) * rstd
+        else:
+            dx = (g - c1 * x_hat - tl.sum(g, axis=0) / N) * rstd
+        if HAS_DSUM:
+            dx += tl.load(dsum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+        if HAS_BIAS:
+            db += dy
+    tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid * N + cols, db, mask=mask)
+
+
+INTERPRETED = not isinstance(_norm_fwd, JITFunction)  # TRITON_INTERPRET=1 was set before import
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): enough warps that a row spreads to <= ~16 fp32 values a thread."""
+    block = triton.next_power_of_2(n)
+    return block, min(max(block // 512, 4), 32)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    n = x.shape[-1]
+    if n > MAX_HIDDEN:
+        raise ValueError(f"Triton norm kernels support hidden sizes up to {MAX_HIDDEN}, got {n}; "
+                         f"use --norm-impl torch for this model")
+    if weight.shape != (n,):
+        raise ValueError(f"norm weight has shape {tuple(weight.shape)} but the input's last dim is {n}")
+    if not x.is_cuda and not INTERPRETED:
+        raise RuntimeError(f"the Triton norm kernels need CUDA tensors (got a {x.device.type} tensor); "
+                           f"use --norm-impl torch (or auto) on CPU, or set TRITON_INTERPRET=1 before "
+                           f"triton is imported to run them in Triton's interpreter")
+
+
+def _num_programs(rows: int, num_warps: int, device: torch.device) -> int:
+    """Backward programs: enough to fill every SM several times over (each one loops over rows)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, sms * max(1, 32 // num_warps)))
+    return max(1, min(rows, 4))  # interpreter: a few programs so the partial-sum path is exercised
+
+
+class NormFunction(torch.autograd.Function):
+    """y = norm(x [+ residual]) over the last dim; returns y, or (y, x + residual) with a residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps: float, rms: bool):
+        _check(x, weight)
+        shape, n = x.shape, x.shape[-1]
+        x2 = x.reshape(-1, n).contiguous()  # [M, N]
+        m = x2.shape[0]
+        has_res = residual is not None
+        if has_res:
+            if residual.shape != shape:
+                raise ValueError(f"residual shape {tuple(residual.shape)} differs from input shape {tuple(shape)}")
+            r2 = residual.reshape(-1, n).contiguous()
+            s2 = torch.empty(m, n, device=x.device, dtype=torch.result_type(x, residual))
+        else:
+            r2 = s2 = x2  # placeholders, never touched
+        y = torch.empty(m, n, device=x.device, dtype=s2.dtype)
+        mean = torch.empty(m, device=x.device, dtype=torch.float32)
+        rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+        block, warps = _launch_config(n)
+        if m:
+            _norm_fwd[(m,)](x2, r2, weight, bias if bias is not None else weight, y, s2, mean, rstd, n, eps,
+                            IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_res,
+                            BLOCK_N=block, num_warps=warps)
+        ctx.save_for_backward(s2, weight, mean, rstd)
+        ctx.rms, ctx.has_bias, ctx.has_res, ctx.block, ctx.warps = rms, bias is not None, has_res, block, warps
+        ctx.set_materialize_grads(False)  # an unused sum output gives dsum = None: skip its load
+        if has_res:
+            return y.view(shape), s2.view(shape)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dsum=None):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        if dy is None:
+            dy = torch.zeros_like(x2)
+        dy2 = dy.reshape(m, n).contiguous()
+        has_dsum = dsum is not None
+        dsum2 = dsum.reshape(m, n).contiguous() if has_dsum else dy2
+        dx = torch.empty_like(x2)
+        programs = _num_programs(m, ctx.warps, x2.device)
+        rows_per_program = triton.cdiv(m, programs)
+        dw = torch.zeros(programs, n, device=x2.device, dtype=torch.float32)
+        db = torch.zeros(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
+        if m:
+            _norm_bwd[(programs,)](dy2, x2, weight, mean, rstd, dsum2, dx, dw, db, m, n, rows_per_program,
+                                   IS_RMS=ctx.rms, HAS_BIAS=ctx.has_bias, HAS_DSUM=has_dsum,
+                                   BLOCK_N=ctx.block, num_warps=ctx.warps)
+        dweight = dw.sum(0).to(weight.dtype)
+        dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
+        dx = dx.view(dy.shape)
+        return dx, dweight, dbias, (dx if ctx.has_res else None), None, None
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dim; with ``residual`` returns (norm(x + residual), x + residual)."""
+    return NormFunction.apply(x, weight, bias, residual, eps, False)
+
+
+def rms_norm(x, weight, eps: float = 1e-5, residual=None):
+    """RMSNorm over the last dim; with ``residual`` returns (norm(x + residual), x + residual)."""
+    return NormFunction.apply(x, weight, None, residual, eps, True)
