@@ -21,6 +21,7 @@ The aten ops used here exist with these signatures in torch 2.4 through 2.13.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 
@@ -47,7 +48,8 @@ def _bhsd(*ts):
 
 
 class MathBackend:
-    """Reference: scores materialised in fp32 (fp64 for fp64 inputs)."""
+    """Reference: scores materialised in fp32 (fp64 for fp64 inputs); autocast is switched off
+    inside, or it would run the einsums in bf16."""
     name = "math"
 
     @staticmethod
@@ -67,12 +69,20 @@ class MathBackend:
 
     def forward(self, q, k, v, causal, scale):
         _check(q, k, causal)
+        with torch.autocast(q.device.type, enabled=False):
+            return self._forward(q, k, v, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        with torch.autocast(q.device.type, enabled=False):
+            return self._backward(dout, q, k, v, out, lse, causal, scale)
+
+    def _forward(self, q, k, v, causal, scale):
         b, sq, h, d = q.shape
         p, lse, _ = self._probs(q, k, None, causal, scale)
         out = torch.einsum("bgrqk,bkgd->bqgrd", p, v.to(p.dtype)).reshape(b, sq, h, d)
         return out.to(q.dtype), lse.reshape(b, h, sq)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def _backward(self, dout, q, k, v, out, lse, causal, scale):
         b, sq, h, d = q.shape
         g = k.shape[2]
         p, _, qg = self._probs(q, k, lse, causal, scale)
@@ -151,6 +161,7 @@ _BACKENDS = {"math": MathBackend, "torch_cpu": TorchCPUBackend, "torch_cuda": To
              "flash_attn": FlashAttnBackend}
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 

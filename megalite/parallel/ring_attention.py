@@ -135,6 +135,20 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None
 
 
+def resolve_call(q, k, v, group, causal, softmax_scale, backend):
+    """Shape checks shared by the context-parallel attentions; returns (scale, backend object)."""
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"context-parallel attention expects q (B, S, H, D) and k, v (B, S, G, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
+    if causal and dist.get_world_size(group) > 1 and q.shape[1] % 2:
+        raise ValueError(f"local sequence length {q.shape[1]} is odd; a zigzag pair has two equal chunks")
+    if isinstance(backend, str):
+        backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
+    return (softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5), backend
+
+
 def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,
                    backend="auto"):
     """Exact attention over a sequence sharded in zigzag order over ``group``.
@@ -147,14 +161,5 @@ def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float 
     Every rank of ``group`` must call it with the same shapes.
     forward: CP-1 K/V ring hops / backward: CP-1 K/V hops + CP-1 fp32 dK/dV hops.
     """
-    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"ring_attention expects q (B, S, H, D) and k, v (B, S, G, D); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
-    if causal and dist.get_world_size(group) > 1 and q.shape[1] % 2:
-        raise ValueError(f"local sequence length {q.shape[1]} is odd; a zigzag pair has two equal chunks")
-    if isinstance(backend, str):
-        backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
     return _RingAttention.apply(q, k, v, group, causal, scale, backend)
