@@ -106,9 +106,11 @@ def _check_grad_hook_sums_each_backward_once(rank, world):
     comm.all_reduce_grad_hook(w, group)  # second registration must not double the sum
     assert w.sequence_parallel
     contrib = [torch.arange(3, dtype=torch.float64) * (r + 1) for r in range(world)]
-    for micro in range(2):  # gradient accumulation: each micro-batch is summed once
-        (w * contrib[rank] * (micro + 1)).sum().backward()
+    with comm.CommCounter() as counter:
+        for micro in range(2):  # gradient accumulation: each micro-batch is summed once
+            (w * contrib[rank] * (micro + 1)).sum().backward()
     assert_close(w.grad, sum(contrib) * 3)
+    assert [(r.op, r.phase, r.tensor_bytes) for r in counter.records] == [("all_reduce", "grad", 24)] * 2
 
 
 def _all_checks(rank, world):

@@ -16,6 +16,7 @@ from torch.testing import assert_close
 from megalite.config import ConfigError, ModelConfig
 from megalite.model import GPT
 from megalite.parallel.apply_tp import apply_tp, validate_tp
+from megalite.parallel.comm import CommCounter
 from multiproc import run_ranks
 
 VOCAB = 37  # prime: padded to 40 dense, 48 at TP=2, 64 at TP=4 (with divisible-by 8)
@@ -107,6 +108,14 @@ def _check_one(kw, group, sp):
     else:
         assert model.output_layer.weight is model.embedding.word.weight
     assert model.layers[0].attention.num_heads == cfg.num_attention_heads // tp
+
+    # One input and one output collective per MLP, also when SwiGLU's gate and fc1 share the input.
+    x = torch.randn(SEQ // tp if sp else SEQ, BATCH, cfg.hidden_size, requires_grad=True)
+    with CommCounter() as counter:
+        model.layers[0].mlp(x).sum().backward()
+    expected = ([("all_gather", "forward"), ("reduce_scatter", "forward"), ("all_gather", "backward"),
+                 ("reduce_scatter", "backward")] if sp else [("all_reduce", "forward"), ("all_reduce", "backward")])
+    assert [(r.op, r.phase) for r in counter.records if r.phase != "grad"] == expected, tag
 
     model.eval()
     dense.eval()

@@ -8,7 +8,9 @@ What changes on each rank of a TP group of size p (Megatron-LM's layout):
   masks padded columns; ``loss_fn`` -> vocab_parallel_cross_entropy (full logits never exist).
 - attention ``qkv`` and MLP ``fc1`` / ``gate`` -> ColumnParallelLinear; ``proj`` and ``fc2`` ->
   RowParallelLinear; ``num_heads`` / ``num_kv_heads`` become the local counts. The qkv rows are
-  grouped per query group, so a contiguous row block holds whole groups.
+  grouped per query group, so a contiguous row block holds whole groups. SwiGLU's gate and
+  fc1 share one input collective (a forward pre-hook on the MLP), so a layer communicates
+  exactly Megatron's four all-reduces (or their all-gather/reduce-scatter halves under SP).
 
 With ``sequence_parallel`` the activations between the TP regions are this rank's sequence
 shard [s/p, b, h]: the embedding reduce-scatters, column layers all-gather along the sequence,
@@ -34,7 +36,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig, ffn_hidden_size, num_query_groups
 from .comm import all_reduce_grad_hook, scatter_to_sequence
-from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_region,
                               vocab_parallel_cross_entropy)
 
 
@@ -78,6 +80,11 @@ class SequenceScatteredEmbedding(nn.Embedding):
         return scatter_to_sequence(super().forward(ids), self.group)
 
 
+def _enter_mlp(module, args, *, group, sequence_parallel):
+    """Forward pre-hook of a SwiGLU MLP: one input collective shared by gate and fc1."""
+    return (enter_region(args[0], group, sequence_parallel), *args[1:])
+
+
 def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
     """Convert the dense GPT ``model`` in place (on every rank of ``tp_group``) and return it."""
     tp = dist.get_world_size(tp_group)
@@ -98,9 +105,12 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
         attn.qkv, attn.proj = column(attn.qkv), row(attn.proj)
         attn.num_heads //= tp
         attn.num_kv_heads //= tp
-        mlp.fc1, mlp.fc2 = column(mlp.fc1), row(mlp.fc2)
-        if mlp.gate is not None:
-            mlp.gate = column(mlp.gate)
+        mlp.fc2 = row(mlp.fc2)
+        if mlp.gate is None:
+            mlp.fc1 = column(mlp.fc1)
+        else:  # SwiGLU: gate and fc1 read one input; enter the TP region once for both
+            mlp.gate, mlp.fc1 = column(mlp.gate, skip_input_comm=True), column(mlp.fc1, skip_input_comm=True)
+            mlp.register_forward_pre_hook(functools.partial(_enter_mlp, group=tp_group, sequence_parallel=sp))
 
     out = column(model.output_layer)
     out.vocab_start = emb.word.vocab_start  # the model masks global columns >= vocab_size

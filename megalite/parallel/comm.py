@@ -33,7 +33,7 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 @dataclass(frozen=True)
 class CommRecord:
     op: str        # "all_reduce" | "all_gather" | "reduce_scatter"
-    phase: str     # "forward" | "backward"
+    phase: str     # "forward" | "backward" | "grad" (a replicated parameter's gradient sum)
     world: int     # group size
     tensor_bytes: int  # N: bytes of the full (unsharded) tensor
     sent_bytes: float  # bytes one rank sends under a ring algorithm
@@ -200,4 +200,4 @@ def all_reduce_grad_hook(param: torch.nn.Parameter, group) -> None:
     if dist.get_world_size(group) == 1 or getattr(param, "sequence_parallel", False):
         return
     param.sequence_parallel = True
-    param.register_hook(lambda g: all_reduce(g, group, phase="backward"))
+    param.register_hook(lambda g: all_reduce(g, group, phase="grad"))

@@ -35,6 +35,13 @@ from .comm import (all_reduce, all_reduce_grad_hook, copy_to_region, gather_alon
                    scatter_last_dim)
 
 
+def enter_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """The input collective of column-parallel layers.
+    forward: identity, or with sequence_parallel all-gather along dim 0 /
+    backward: all-reduce, or with sequence_parallel reduce-scatter along dim 0."""
+    return gather_along_sequence(x, group) if sequence_parallel else copy_to_region(x, group)
+
+
 def divide(n: int, p: int, what: str) -> int:
     if n % p:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size {p}")
@@ -97,17 +104,22 @@ class ColumnParallelLinear(_ParallelLinear):
     Input: replicated ``[..., in]``, or with ``sequence_parallel`` this rank's sequence shard
     ``[s/p, b, in]`` (all-gathered along dim 0 first). Output: this rank's ``[..., out/p]``,
     or all ``[..., out]`` with ``gather_output``.
+
+    ``skip_input_comm``: the caller already brought the input into the TP region with
+    ``enter_region`` (so it is the full replicated input), letting several column layers that
+    read one input share one collective, as SwiGLU's gate and fc1 do.
     """
     split_dim = 0
 
     def __init__(self, in_features, out_features, *, group, bias=True, gather_output=False,
-                 sequence_parallel=False, device=None, dtype=None):
+                 sequence_parallel=False, skip_input_comm=False, device=None, dtype=None):
         super().__init__(in_features, out_features, group=group, bias=bias,
                          sequence_parallel=sequence_parallel, device=device, dtype=dtype)
-        self.gather_output = gather_output
+        self.gather_output, self.skip_input_comm = gather_output, skip_input_comm
 
     def forward(self, x):
-        x = gather_along_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
+        if not self.skip_input_comm:
+            x = enter_region(x, self.group, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
