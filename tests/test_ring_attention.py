@@ -75,6 +75,20 @@ def test_merge_partial_equals_joint_softmax():
     torch.testing.assert_close(lse_a, lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_backend_without_native_gqa(dtype):
+    """The local K/V repeat used for CPU kernels that predate GQA (torch < ~2.9)."""
+    from megalite.ops.attention import TorchCPUBackend
+    q, k, v, dout = make_inputs(3, 2, 8, 6, 2, 32, dtype)
+    want = reference(q, k, v, dout, True)
+    be = TorchCPUBackend(native_gqa=False)
+    out, lse = be.forward(q, k, v, True, 32 ** -0.5)
+    grads = be.backward(dout, q, k, v, out, lse, True, 32 ** -0.5)
+    for got, ref in zip((out, *grads), want):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+
+
 def test_unknown_and_unavailable_backends():
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_backend("nope")

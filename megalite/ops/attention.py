@@ -15,7 +15,7 @@ probability restricted to this block, and the per-block gradients add up to the 
 Backends:
   flash_attn  flash-attn's kernels (CUDA, fp16/bf16), used when the package is installed;
   torch_cuda  torch's bundled flash kernel (CUDA, fp16/bf16, head_dim % 8 == 0, <= 256);
-  torch_cpu   torch's CPU flash kernel (fp32, bf16, fp64);
+  torch_cpu   torch's CPU flash kernel (fp32, bf16, fp64); GQA natively where the kernel has it;
   math        plain einsum reference in fp32/fp64 (tests; fp32 on CUDA). Materialises Sq x Sk.
 The aten ops used here exist with these signatures in torch 2.4 through 2.13.
 """
@@ -96,19 +96,47 @@ class MathBackend:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_kernel_has_gqa() -> bool:
+    """Whether torch's CPU flash kernel reads kv head h // (H/G) itself (added around torch 2.9;
+    older kernels index kv heads by the query head). Probed once on a tiny input."""
+    gen = torch.Generator().manual_seed(0)
+    # kv: head 0 of a 2-head buffer, so a kernel that reads "kv head 1" stays in valid memory
+    q, kv = torch.randn(1, 2, 4, 8, generator=gen), torch.randn(1, 2, 4, 8, generator=gen)[:, :1]
+    try:
+        out, _ = aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, False)
+    except RuntimeError:
+        return False
+    want, _ = aten._scaled_dot_product_flash_attention_for_cpu(q, kv.expand(1, 2, 4, 8), kv.expand(1, 2, 4, 8), 0.0, False)
+    return torch.allclose(out, want)
+
+
 class TorchCPUBackend:
-    """torch's CPU flash kernel, layout (B, H, S, D); handles GQA itself (K/V are not repeated)."""
+    """torch's CPU flash kernel, layout (B, H, S, D). Kernels without GQA get K/V repeated to H
+    heads here, per block and locally (never on the wire), and dK/dV summed back per group."""
     name = "torch_cpu"
+
+    def __init__(self, native_gqa: bool | None = None):
+        self.native_gqa = cpu_kernel_has_gqa() if native_gqa is None else native_gqa
+
+    def _kv(self, q, *kv):
+        rep = q.shape[2] // kv[0].shape[2]
+        return kv if rep == 1 or self.native_gqa else [t.repeat_interleave(rep, dim=2) for t in kv]
 
     def forward(self, q, k, v, causal, scale):
         _check(q, k, causal)
+        k, v = self._kv(q, k, v)
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(*_bhsd(q, k, v), 0.0, causal, scale=scale)
         return out.transpose(1, 2), lse
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
-        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *_bhsd(dout, q, k, v, out), lse, 0.0, causal, scale=scale)
-        return tuple(t.transpose(1, 2) for t in grads)
+        b, sk, g, d = k.shape
+        ke, ve = self._kv(q, k, v)
+        dq, dk, dv = (t.transpose(1, 2) for t in aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *_bhsd(dout, q, ke, ve, out), lse, 0.0, causal, scale=scale))
+        if dk.shape[2] != g:  # sum the repeated heads back onto their kv head
+            dk, dv = (t.reshape(b, sk, g, -1, d).sum(3) for t in (dk, dv))
+        return dq, dk, dv
 
 
 class TorchCUDABackend:
