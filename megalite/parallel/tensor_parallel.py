@@ -42,7 +42,7 @@ def enter_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tenso
     return gather_along_sequence(x, group) if sequence_parallel else copy_to_region(x, group)
 
 
-def divide(n: int, p: int, what: str) -> int:
+def _divide(n: int, p: int, what: str) -> int:
     if n % p:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size {p}")
     return n // p
@@ -63,7 +63,7 @@ class _ParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group, self.sequence_parallel = group, sequence_parallel
         shape = [out_features, in_features]
-        shape[self.split_dim] = divide(shape[self.split_dim], dist.get_world_size(group),
+        shape[self.split_dim] = _divide(shape[self.split_dim], dist.get_world_size(group),
                                        f"{type(self).__name__} {('out', 'in')[self.split_dim]}_features")
         bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, over the full fan-in
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
@@ -163,7 +163,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings, embedding_dim, *, group, sequence_parallel=False,
                  device=None, dtype=None):
         super().__init__()
-        per_rank = divide(num_embeddings, dist.get_world_size(group), "VocabParallelEmbedding num_embeddings")
+        per_rank = _divide(num_embeddings, dist.get_world_size(group), "VocabParallelEmbedding num_embeddings")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.group, self.sequence_parallel = group, sequence_parallel
         self.vocab_start = dist.get_rank(group) * per_rank
