@@ -137,11 +137,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _num_programs(rows: int, num_warps: int, device: torch.device) -> int:
-    """Backward programs: enough to fill every SM several times over (each one loops over rows)."""
+    """Backward programs, each looping over a block of rows: about one resident wave, guessing
+    that register use (~6 fp32 row slices a thread) fits 16 warps of these programs per SM."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, sms * max(1, 32 // num_warps)))
-    return max(1, min(rows, 4))  # interpreter: a few programs so the partial-sum path is exercised
+        return min(rows, sms * max(1, 16 // num_warps))
+    return min(rows, 4)  # interpreter: a few programs so the partial-sum path is exercised
 
 
 class NormFunction(torch.autograd.Function):
@@ -170,7 +171,8 @@ class NormFunction(torch.autograd.Function):
                             IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_res,
                             BLOCK_N=block, num_warps=warps)
         ctx.save_for_backward(s2, weight, mean, rstd)
-        ctx.rms, ctx.has_bias, ctx.has_res, ctx.block, ctx.warps = rms, bias is not None, has_res, block, warps
+        ctx.shape, ctx.rms, ctx.has_bias, ctx.has_res = shape, rms, bias is not None, has_res
+        ctx.block, ctx.warps = block, warps
         ctx.set_materialize_grads(False)  # an unused sum output gives dsum = None: skip its load
         if has_res:
             return y.view(shape), s2.view(shape)
@@ -180,23 +182,23 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx, dy, dsum=None):
         x2, weight, mean, rstd = ctx.saved_tensors
         m, n = x2.shape
-        if dy is None:
+        if dy is None:  # only the sum reached the loss
             dy = torch.zeros_like(x2)
         dy2 = dy.reshape(m, n).contiguous()
         has_dsum = dsum is not None
         dsum2 = dsum.reshape(m, n).contiguous() if has_dsum else dy2
         dx = torch.empty_like(x2)
-        programs = _num_programs(m, ctx.warps, x2.device)
-        rows_per_program = triton.cdiv(m, programs)
-        dw = torch.zeros(programs, n, device=x2.device, dtype=torch.float32)
-        db = torch.zeros(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
+        programs = _num_programs(m, ctx.warps, x2.device)  # 0 when there are no rows
+        # Every program writes its whole partial row (zeros when its block is empty): no memset.
+        dw = torch.empty(programs, n, device=x2.device, dtype=torch.float32)
+        db = torch.empty(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
         if m:
-            _norm_bwd[(programs,)](dy2, x2, weight, mean, rstd, dsum2, dx, dw, db, m, n, rows_per_program,
+            _norm_bwd[(programs,)](dy2, x2, weight, mean, rstd, dsum2, dx, dw, db, m, n, triton.cdiv(m, programs),
                                    IS_RMS=ctx.rms, HAS_BIAS=ctx.has_bias, HAS_DSUM=has_dsum,
                                    BLOCK_N=ctx.block, num_warps=ctx.warps)
         dweight = dw.sum(0).to(weight.dtype)
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
-        dx = dx.view(dy.shape)
+        dx = dx.view(ctx.shape)
         return dx, dweight, dbias, (dx if ctx.has_res else None), None, None
 
 
