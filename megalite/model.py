@@ -168,12 +168,13 @@ class GPT(nn.Module):
         if new == self.padded_vocab_size:
             return
         old = self.embedding.word.weight
-        self.embedding.word = nn.Embedding(new, old.shape[1])
+        like = {"dtype": old.dtype, "device": old.device}
+        self.embedding.word = nn.Embedding(new, old.shape[1], **like)
         with torch.no_grad():
             self.embedding.word.weight.zero_()
             self.embedding.word.weight[: old.shape[0]] = old
             out = self.output_layer.weight
-            self.output_layer = nn.Linear(old.shape[1], new, bias=False)
+            self.output_layer = nn.Linear(old.shape[1], new, bias=False, **like)
             if self.cfg.untie_embeddings_and_output_weights:
                 self.output_layer.weight.zero_()
                 self.output_layer.weight[: out.shape[0]] = out
@@ -190,7 +191,8 @@ class GPT(nn.Module):
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
 
     def forward(self, tokens, position_ids, labels=None):
-        """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits."""
+        """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits
+        [b, s, V_local]: under TP this rank's vocabulary shard, from column output_layer.vocab_start."""
         x = self.embedding(tokens, position_ids)
         rope = None  # cos/sin tables, computed once per forward and shared by all layers
         if self.cfg.position_embedding_type == "rope":

@@ -14,16 +14,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config
+from .apply_cp import apply_cp, validate_cp
+from .apply_tp import apply_tp, validate_tp
 from .dims import ParallelDims
 
 
 def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
     """Model/layout compatibility, checked before any collective."""
-    if dims_tp > 1:
-        from .apply_tp import validate_tp
-        validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel)
+    validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel, cp=dims_cp)
     if dims_cp > 1:
-        from .apply_cp import validate_cp
         validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp)
 
 
@@ -35,10 +34,8 @@ def _sum_hook(group, bucket):
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: Config, device: torch.device):
     if dims.tp > 1:
-        from .apply_tp import apply_tp
         apply_tp(model, dims.tp_group, dims.sequence_parallel)
     if dims.cp > 1:
-        from .apply_cp import apply_cp
         apply_cp(model, dims.cp_group, cfg.parallel.cp_comm_type)
     model.to(device)
     if dims.dp * dims.cp > 1:

@@ -87,10 +87,12 @@ def main(argv=None) -> int:
     env = distributed.init(cfg)
     device = env.device
     dims = ParallelDims.build(cfg.parallel, device.type)
-    torch.manual_seed(cfg.train.seed)  # same on every rank, as in Megatron: replicated dropout agrees
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     flops_n = model.num_params() - (model.embedding.position.weight.numel() if model.embedding.position else 0)
     model = parallelize(model, dims, cfg, device)
+    # Dropout streams: ranks holding different tokens (CP shards, SP shards) draw different masks;
+    # TP ranks without SP must agree, since their hidden activations are replicas (Megatron's rule).
+    torch.manual_seed(cfg.train.seed + 1009 * dims.cp_rank + (101 * dims.tp_rank if dims.sequence_parallel else 0))
     optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt_dir is not None:
