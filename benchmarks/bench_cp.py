@@ -39,7 +39,7 @@ from megalite.config import ModelConfig
 from megalite.model import GPT, rope_tables
 from megalite.ops.attention import get_backend
 from megalite.parallel.apply_cp import CP_ATTENTION, apply_cp
-from megalite.parallel.context_parallel import zigzag_split
+from megalite.parallel.context_parallel import zigzag_positions, zigzag_split
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -171,7 +171,7 @@ def memory_part(rank, world, a):
     if world > 1:
         apply_cp(model, dist.group.WORLD, "p2p")
     s = a.seq_mem // world
-    pos = zigzag_split(torch.arange(a.seq_mem)[None], 1, world, rank)
+    pos = zigzag_positions(a.seq_mem, world, rank)[None]  # [1, s]
     x = torch.randn(s, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     rope = rope_tables(pos, cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
     return dict(cp=world, seq=a.seq_mem, local_tokens=s, saved_bytes=saved_bytes(model.layers[0], x, rope))

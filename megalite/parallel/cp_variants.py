@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..ops.attention import block_attention
 from .comm import _all_gather_flat, _reduce_scatter_flat
 from .context_parallel import zigzag_merge, zigzag_split
-from .ring_attention import merge_partial, resolve_call
+from .ring_attention import load_block_state, merge_partial, resolve_call, save_block_state
 
 
 def _gather_kv(k, v, group):
@@ -61,15 +61,11 @@ class _AllGatherAttention(torch.autograd.Function):
                 out[:, qs], lse[:, :, qs] = block_out, block_lse
             else:
                 merge_partial(out[:, qs], lse[:, :, qs], block_out, block_lse)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, scale, backend)
-        return out
+        return save_block_state(ctx, q, k, v, out, lse, (group, causal, scale, backend))
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, scale, backend = ctx.args
+        q, k, v, out, lse, group, causal, scale, backend = load_block_state(ctx)
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         kf, vf = _gather_kv(k, v, group).unbind(0)
         dout = dout.contiguous()

@@ -59,6 +59,20 @@ def merge_partial(out, lse, block_out, block_lse):
     lse.sub_(F.logsigmoid(lse - block_lse))
 
 
+def save_block_state(ctx, q, k, v, out, lse, args):
+    """Forward bookkeeping shared by the CP attentions: keep the inputs, the merged output (in
+    q's dtype, returned) and its fp32 lse for the backward, which recomputes block by block."""
+    out = out.to(q.dtype)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = args
+    return out
+
+
+def load_block_state(ctx):
+    """(q, k, v, out, lse, *args) as saved by ``save_block_state``."""
+    return (*ctx.saved_tensors, *ctx.args)
+
+
 def _step_slices(step: int, rank: int, causal: bool, half: int):
     """(local query slice, incoming K/V slice) that interact at ring step ``step``."""
     whole = slice(None)
@@ -89,15 +103,11 @@ class _RingAttention(torch.autograd.Function):
             for req in reqs:
                 req.wait()
             kv = incoming
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, scale, backend)
-        return out
+        return save_block_state(ctx, q, k, v, out, lse, (group, causal, scale, backend))
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, scale, backend = ctx.args
+        q, k, v, out, lse, group, causal, scale, backend = load_block_state(ctx)
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         peers, half = ring_peers(group), q.shape[1] // 2
         dout = dout.contiguous()
