@@ -92,8 +92,8 @@ class ByteCounter:
         self._wrap(dist, "batch_isend_irecv", lambda ops: sum(
             o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend))
         self._wrap(dist, "all_to_all_single", lambda out, inp, group=None, **_: ring(inp, group))
-        self._wrap(cp_variants, "_all_gather_flat", lambda out, inp, group=None: ring(out, group))
-        self._wrap(cp_variants, "_reduce_scatter_flat", lambda out, inp, group=None: ring(inp, group))
+        self._wrap(cp_variants, "all_gather_flat", lambda out, inp, group=None: ring(out, group))
+        self._wrap(cp_variants, "reduce_scatter_flat", lambda out, inp, group=None: ring(inp, group))
         return self
 
     def __exit__(self, *exc):

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 # torch >= 2.13 renames the flat collectives; older releases only have the *_tensor names.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _all_gather_dim0(x: torch.Tensor, group, phase: str) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(p * x.numel(), dtype=x.dtype, device=x.device)
     _record("all_gather", phase, p, out, x.element_size())
-    _all_gather_flat(out, x.view(-1), group=group)
+    all_gather_flat(out, x.view(-1), group=group)
     return out.view(p * x.shape[0], *x.shape[1:])
 
 
@@ -98,7 +98,7 @@ def _reduce_scatter_dim0(x: torch.Tensor, group, phase: str) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape[0] // p, *x.shape[1:], dtype=x.dtype, device=x.device)
     _record("reduce_scatter", phase, p, x, x.element_size())
-    _reduce_scatter_flat(out.view(-1), x.view(-1), group=group)
+    reduce_scatter_flat(out.view(-1), x.view(-1), group=group)
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.attention import block_attention
-from .comm import _all_gather_flat, _reduce_scatter_flat
+from .comm import all_gather_flat, reduce_scatter_flat
 from .context_parallel import zigzag_merge, zigzag_split
 from .ring_attention import load_block_state, merge_partial, resolve_call, save_block_state
 
@@ -31,7 +31,7 @@ def _gather_kv(k, v, group):
     cp = dist.get_world_size(group)
     kv = torch.stack([k, v])  # (2, B, s, G, D)
     flat = torch.empty(cp * kv.numel(), dtype=kv.dtype, device=kv.device)
-    _all_gather_flat(flat, kv.view(-1), group=group)
+    all_gather_flat(flat, kv.view(-1), group=group)
     return zigzag_merge(list(flat.view(cp, *kv.shape).unbind(0)), dim=2)
 
 
@@ -80,7 +80,7 @@ class _AllGatherAttention(torch.autograd.Function):
         # Back to rank order (each rank's zigzag pair contiguous), then sum over ranks.
         per_rank = torch.stack([zigzag_split(dkv, 2, cp, j) for j in range(cp)])  # (CP, 2, B, s, G, D)
         mine = torch.empty(per_rank.shape[1:], dtype=dkv.dtype, device=dkv.device)
-        _reduce_scatter_flat(mine.view(-1), per_rank.view(-1), group=group)
+        reduce_scatter_flat(mine.view(-1), per_rank.view(-1), group=group)
         return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None
 
 
