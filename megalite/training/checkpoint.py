@@ -1,24 +1,43 @@
-"""Atomic checkpoints: everything needed to continue a run bit for bit.
+"""Sharded, reshardable, atomic checkpoints.
 
 Layout of ``<save>/``::
 
     iter_0000100/
-        meta.json        iteration, consumed samples, layout, model config (written last)
-        model_tp00.pt    model + optimizer state of TP rank 0 (one file per TP rank;
-                         written by the DP x CP rank 0 that holds that shard)
-        rng_r00000.pt    RNG states of global rank 0 (one per rank: dropout streams differ)
-    latest               the name of the newest complete iteration directory
+        rank_00000.pt   this rank's share of the tensors + its RNG streams (one file per rank)
+        ...
+        meta.json       iteration, consumed samples, layout, model config, tensor index, file sizes
+    latest              the name of the newest committed iteration directory
 
-A save writes into ``.tmp_iter_...``, renames it into place once every rank has written, and
-only then replaces ``latest`` (temp file + rename). A crash at any point therefore leaves the
-previous checkpoint and pointer intact.
+Every tensor is keyed by NAME: ``model/<param>`` and ``optim/<param>/<state>`` (Adam's
+``exp_avg`` / ``exp_avg_sq`` shard like their parameter; ``step`` is replicated). The index in
+meta.json gives each tensor's full (dense-model) shape, the dim its TP shards split (None when
+replicated), and the file holding each shard. Identical copies (DP x CP replicas, and
+replicated tensors on every TP rank) are written once, by the replica with the fewest bytes so
+far, so all ranks write in parallel.
+
+Loading into another layout: each rank reads, for each of its parameters, the region its new
+TP rank owns, copying from whichever old shards overlap it (files are memory-mapped, so only
+those bytes are read). Vocabulary tensors keep their ``vocab_size`` real rows; the padding,
+which depends on TP, is re-created as zeros. LR schedule = f(iteration) and the data position
+is ``consumed_samples``; both are layout independent. RNG: the same layout (TP, CP, DP)
+restores every rank's streams exactly; another layout reseeds every rank with
+``--seed + iteration`` (per-rank streams have no meaning there; dropout masks differ from an
+uninterrupted run, results are otherwise the same up to floating-point summation order).
+
+Atomic save: ranks write into ``.tmp_iter_...``; after all have written, rank 0 writes
+meta.json (with every file's size), renames the directory into place, and only then replaces
+``latest`` (temp file + rename). ``latest`` is the commit point: a crash anywhere before it
+leaves the previous checkpoint as the one ``--load`` resumes from.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import heapq
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -26,12 +45,29 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..model import GPT
+from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-FORMAT = 1
+FORMAT = 2
+VOCAB_TENSORS = ("embedding.word.weight", "output_layer.weight")  # rows = padded vocabulary
+_ITER = re.compile(r"^iter_(\d+)$")
+_SPLIT_DIM = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}
 
 
 def _iter_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -43,31 +79,66 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def resolve_load_dir(path: str) -> str:
-    """The checkpoint directory --load refers to; a ConfigError if there is none."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"--load {path}: no such directory")
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    pointer = os.path.join(path, "latest")
-    if not os.path.isfile(pointer):
-        raise ConfigError(f"--load {path}: not a checkpoint (no 'latest' file and no meta.json); "
-                          "point it at a --save directory")
-    with open(pointer) as fh:
-        name = fh.read().strip()
-    ckpt = os.path.join(path, name)
-    if not os.path.isfile(os.path.join(ckpt, "meta.json")):
-        raise ConfigError(f"--load {path}: 'latest' names {name}, which is missing or incomplete")
-    return ckpt
+# ---- what is saved -------------------------------------------------------------------------
+
+def partition_dims(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter name -> the dim its TP shards split, for every TP-sharded parameter."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for mod in model.modules():
+        dim = _SPLIT_DIM.get(type(mod))
+        if dim is None:
+            continue
+        out[names[id(mod.weight)]] = dim
+        bias = getattr(mod, "bias", None)
+        if bias is not None and getattr(bias, "tensor_model_parallel", False):
+            out[names[id(bias)]] = 0
+    unknown = [n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False) and n not in out]
+    if unknown:
+        raise RuntimeError(f"cannot checkpoint TP-sharded parameters {unknown}: their module type is not one of "
+                           f"{[c.__name__ for c in _SPLIT_DIM]}, so the split dim is unknown")
+    return out
 
 
-def read_meta(ckpt_dir: str) -> dict:
-    with open(os.path.join(ckpt_dir, "meta.json")) as fh:
-        return json.load(fh)
+def _entries(model, optimizer) -> dict[str, tuple[torch.Tensor, int | None, int | None]]:
+    """key -> (local tensor, split dim or None, real rows along dim 0 for vocabulary tensors)."""
+    split = partition_dims(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for n, p in model.named_parameters():
+        out[f"model/{n}"] = (p.detach(), split.get(n), model.vocab_size if n in VOCAB_TENSORS else None)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n = names[id(p)]
+            for k, v in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(v):
+                    raise RuntimeError(f"optimizer state {k!r} of {n} is a {type(v).__name__}, not a tensor")
+                like_param = v.shape == p.shape  # exp_avg, exp_avg_sq; not step
+                out[f"optim/{n}/{k}"] = (v.detach(), *(out[f"model/{n}"][1:] if like_param else (None, None)))
+    return out
+
+
+def _assign(entries, dims) -> dict[str, list[int]]:
+    """key -> writer rank of each TP shard ([one] for replicated tensors). Each shard goes to the
+    least-loaded rank that holds it (TP rank s: ranks r with r % TP == s). Every rank computes the
+    same plan: local shapes are equal on all TP ranks (checked by the digest in save)."""
+    heaps = [[(0, r) for r in range(s, dims.world_size, dims.tp)] for s in range(dims.tp)]
+    plan = {}
+    for key, (t, dim, _) in sorted(entries.items(), key=lambda kv: (-kv[1][0].nbytes, kv[0])):
+        shards = range(dims.tp) if dim is not None else [min(range(dims.tp), key=lambda s: heaps[s][0])]
+        writers = []
+        for s in shards:
+            load, r = heapq.heappop(heaps[s])
+            heapq.heappush(heaps[s], (load + t.nbytes, r))
+            writers.append(r)
+        plan[key] = writers
+    return plan
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -76,67 +147,260 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _reseed(seed: int) -> None:
+    torch.manual_seed(seed)  # also every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ---- save ----------------------------------------------------------------------------------
+
 def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, cfg) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    final = os.path.join(save_dir, _iter_name(iteration))
-    tmp = os.path.join(save_dir, ".tmp_" + _iter_name(iteration))
+    """Collective over the world: every rank calls it. Returns the committed checkpoint directory."""
+    world = dist.group.WORLD
+    name = _iter_name(iteration)
+    final, tmp = os.path.join(save_dir, name), os.path.join(save_dir, ".tmp_" + name)
     if dims.rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in os.listdir(save_dir):  # left by saves that crashed
+            if stale.startswith(".tmp_iter_") or stale.endswith(".old"):
+                shutil.rmtree(os.path.join(save_dir, stale), ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
-    if dims.dp_rank == 0 and dims.cp_rank == 0:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                   os.path.join(tmp, f"model_tp{dims.tp_rank:02d}.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_r{dims.rank:05d}.pt"))
-    dist.barrier()
+    entries = _entries(model, optimizer)
+    digest = hashlib.sha1(repr(sorted((k, tuple(t.shape), str(t.dtype), d) for k, (t, d, _) in entries.items()))
+                          .encode()).hexdigest()
+    digests = [None] * dims.world_size
+    dist.all_gather_object(digests, digest, group=world)  # also: the tmp dir exists from here on
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"checkpoint save: ranks hold different tensor sets or shapes {digests}")
+    plan = _assign(entries, dims)
+    shard = dims.tp_rank
+    mine = {k: entries[k][0].cpu().clone() for k, w in plan.items()
+            if w[shard if len(w) > 1 else 0] == dims.rank}
+    path = os.path.join(tmp, _rank_file(dims.rank))
+    with open(path, "wb") as fh:
+        torch.save({"tensors": mine, "rng": _rng_state()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    sizes = [None] * dims.world_size
+    dist.all_gather_object(sizes, os.path.getsize(path), group=world)  # every rank has written
     if dims.rank == 0:
+        index = {}
+        for key, (t, dim, real) in entries.items():
+            shape = list(t.shape)
+            if dim is not None:
+                shape[dim] *= dims.tp
+            index[key] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "dim": dim,
+                          "files": [_rank_file(r) for r in plan[key]], **({"real": real} if real else {})}
         meta = {"format": FORMAT, "iteration": iteration, "consumed_samples": consumed,
-                "layout": {"tp": dims.tp, "cp": dims.cp, "dp": dims.dp},
-                "model": dataclasses.asdict(cfg.model), "vocab_size": model.vocab_size}
+                "global_batch_size": cfg.train.global_batch_size, "seed": cfg.train.seed,
+                "layout": {"tp": dims.tp, "cp": dims.cp, "dp": dims.dp, "world": dims.world_size},
+                "model": dataclasses.asdict(cfg.model), "vocab_size": model.vocab_size,
+                "files": {_rank_file(r): s for r, s in enumerate(sizes)}, "tensors": index}
         _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        if os.path.exists(final):  # re-saving the same iteration: keep the old one until the new is in place
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _write_atomic(os.path.join(save_dir, "latest"), _iter_name(iteration) + "\n")
-    dist.barrier()
+        if os.path.exists(final):  # re-saving an iteration: the old copy goes only once the new is in place
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        _fsync_dir(save_dir)
+        _write_atomic(os.path.join(save_dir, "latest"), name + "\n")  # the commit point
+    dist.barrier(group=world)
     return final
 
 
+# ---- find and validate ---------------------------------------------------------------------
+
+def read_meta(ckpt_dir: str) -> dict:
+    with open(os.path.join(ckpt_dir, "meta.json")) as fh:
+        return json.load(fh)
+
+
+def problem(ckpt_dir: str) -> str | None:
+    """Why ``ckpt_dir`` is not a complete checkpoint, or None when it is."""
+    try:
+        meta = read_meta(ckpt_dir)
+    except FileNotFoundError:
+        return "no meta.json (save did not finish)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable meta.json ({exc})"
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')} (this megalite reads format {FORMAT})"
+    for name, size in meta["files"].items():
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} is truncated ({os.path.getsize(path)} of {size} bytes)"
+    return None
+
+
+def list_checkpoints(save_dir: str) -> list[str]:
+    """iter_* directory names, newest first."""
+    names = [n for n in os.listdir(save_dir) if _ITER.match(n) and os.path.isdir(os.path.join(save_dir, n))]
+    return sorted(names, key=lambda n: -int(_ITER.match(n).group(1)))
+
+
+def read_latest(save_dir: str) -> str | None:
+    try:
+        with open(os.path.join(save_dir, "latest")) as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def resolve_load_dir(path: str, log=print) -> str | None:
+    """The checkpoint ``--load path`` resumes from, or None for a fresh start.
+
+    - ``path`` missing: ConfigError (create the directory to start a run that later resumes).
+    - ``path`` is a checkpoint (has meta.json): it, if complete.
+    - otherwise the checkpoint ``latest`` names if complete, else the newest complete
+      ``iter_*`` (a warning names each one skipped and why);
+    - no ``iter_*`` and no ``latest`` (an empty dir, or only logs and unfinished saves):
+      None, with a log line;
+    - ``iter_*`` or ``latest`` present but nothing complete: ConfigError listing each problem.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f"--load {path}: no such directory (to start a run that resumes from its own "
+                          f"checkpoints, create it first: mkdir -p {path})")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        why = problem(path)
+        if why:
+            raise ConfigError(f"--load {path}: not a complete checkpoint: {why}")
+        return path
+    names, latest = list_checkpoints(path), read_latest(path)
+    if latest is not None:
+        if latest not in names:
+            names.insert(0, latest)
+        else:
+            names.insert(0, names.pop(names.index(latest)))
+    if not names:
+        log(f"megalite: --load {path} holds no checkpoint yet; starting from iteration 0")
+        return None
+    skipped = []
+    for name in names:
+        ckpt = os.path.join(path, name)
+        why = problem(ckpt) if os.path.isdir(ckpt) else "missing"
+        if why is None:
+            if skipped:
+                log(f"megalite: warning: skipped incomplete checkpoints ({'; '.join(skipped)}); "
+                    f"resuming from {name}")
+            return ckpt
+        skipped.append(f"{name}: {why}" + (" ('latest' names it; missing or incomplete)" if name == latest else ""))
+    raise ConfigError(f"--load {path}: no complete checkpoint ({'; '.join(skipped)}); remove the broken "
+                      "directories to start fresh, or point --load at a good checkpoint")
+
+
+def _few(items: list[str], sep: str = ", ") -> str:
+    return sep.join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+
 def check_compatible(meta: dict, cfg, vocab_size: int, ckpt_dir: str) -> None:
-    """Fail before loading anything (and before any collective) when the checkpoint cannot continue this run."""
-    lay, tp, cp = meta["layout"], cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
-    if (lay["tp"], lay["cp"]) != (tp, cp):
-        raise ConfigError(f"{ckpt_dir} was saved with TP={lay['tp']} CP={lay['cp']}; this run has "
-                          f"TP={tp} CP={cp}. Load it with the same sizes")
-    mismatch = {k: (v, getattr(cfg.model, k)) for k, v in meta["model"].items()
-                if k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                         "ffn_hidden_size", "swiglu", "normalization", "kv_channels")
-                and getattr(cfg.model, k) != v}
-    if meta["vocab_size"] != vocab_size:
-        mismatch["vocab_size"] = (meta["vocab_size"], vocab_size)
-    if mismatch:
-        raise ConfigError(f"{ckpt_dir} holds a different model: (checkpoint, this run) = {mismatch}")
+    """Fail before any collective when the checkpoint's tensors do not fit this model: names the
+    first mismatching tensors (compared as dense shapes with the real vocabulary rows)."""
+    with torch.device("meta"):
+        dense = GPT(cfg.model, vocab_size)
+    want = {n: [vocab_size, *p.shape[1:]] if n in VOCAB_TENSORS else list(p.shape)
+            for n, p in dense.named_parameters()}
+    have = {k.removeprefix("model/"): [e["real"], *e["shape"][1:]] if "real" in e else e["shape"]
+            for k, e in meta["tensors"].items() if k.startswith("model/")}
+    missing, extra = [n for n in want if n not in have], [n for n in have if n not in want]
+    wrong = [f"{n} is {have[n]} in the checkpoint but {want[n]} in this model"
+             for n in want if n in have and have[n] != want[n]]
+    issues = ([f"tensors missing from the checkpoint: {_few(missing)}"] if missing else []) + \
+             ([f"tensors not in this model: {_few(extra)}"] if extra else []) + \
+             ([f"tensor {_few(wrong, '; ')}"] if wrong else [])
+    if issues:
+        diff = {k: (v, getattr(cfg.model, k)) for k, v in meta["model"].items()
+                if hasattr(cfg.model, k) and getattr(cfg.model, k) != v}
+        raise ConfigError(f"{ckpt_dir} holds a different model: {'; '.join(issues)}; "
+                          f"model flags differing (checkpoint, this run): {diff}")
 
 
-def load(ckpt_dir: str, model, optimizer, dims) -> dict:
-    """Load model, optimizer and this rank's RNG; returns meta (iteration, consumed samples)."""
+# ---- load ----------------------------------------------------------------------------------
+
+class _Reader:
+    """Reads regions of the checkpoint's dense tensors from the memory-mapped shard files."""
+
+    def __init__(self, ckpt_dir: str, meta: dict):
+        self.dir, self.index, self.files = ckpt_dir, meta["tensors"], {}
+
+    def file(self, name: str) -> dict:
+        if name not in self.files:
+            self.files[name] = torch.load(os.path.join(self.dir, name), map_location="cpu", mmap=True,
+                                          weights_only=True)
+        return self.files[name]
+
+    def region(self, key: str, local: torch.Size, dim: int | None, tp_rank: int) -> torch.Tensor:
+        """The block of dense tensor ``key`` that a rank holding ``local`` (split along ``dim``,
+        TP rank ``tp_rank``) owns. Rows past the real vocabulary are zeros."""
+        e = self.index[key]
+        lo = [0] * len(local)
+        if dim is not None:
+            lo[dim] = tp_rank * local[dim]
+        hi = [a + n for a, n in zip(lo, local)]
+        limit = list(e["shape"])
+        if "real" in e:
+            limit[0] = e["real"]
+        out = torch.zeros(local, dtype=getattr(torch, e["dtype"]))
+        for k, fname in enumerate(e["files"]):
+            src_lo = [0] * len(limit)
+            src_hi = list(e["shape"])
+            if e["dim"] is not None:
+                n = e["shape"][e["dim"]] // len(e["files"])
+                src_lo[e["dim"]], src_hi[e["dim"]] = k * n, (k + 1) * n
+            a = [max(x, y) for x, y in zip(lo, src_lo)]
+            b = [min(x, y, z) for x, y, z in zip(hi, src_hi, limit)]
+            if any(x >= y for x, y in zip(a, b)):
+                continue
+            src = self.file(fname)["tensors"][key]
+            out[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))] = \
+                src[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, src_lo))]
+        return out
+
+
+def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
+    """Load model, optimizer and RNG into this rank's (possibly differently laid out) model.
+    Returns meta (iteration, consumed_samples). Call after check_compatible."""
     meta = read_meta(ckpt_dir)
-    state = torch.load(os.path.join(ckpt_dir, f"model_tp{dims.tp_rank:02d}.pt"), map_location="cpu",
-                       weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    rng = os.path.join(ckpt_dir, f"rng_r{dims.rank:05d}.pt")
-    if os.path.exists(rng):
-        _set_rng_state(torch.load(rng, weights_only=False))
+    reader, split = _Reader(ckpt_dir, meta), partition_dims(model)
+    tensors = meta["tensors"]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
+    by_param = {}
+    for key in tensors:
+        if key.startswith("optim/"):
+            n, _, k = key[len("optim/"):].rpartition("/")
+            by_param.setdefault(n, []).append((key, k))
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {}
+    for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        n = names[id(p)]
+        full = tensors[f"model/{n}"]["shape"]
+        state[i] = {k: reader.region(key, p.shape, split.get(n), dims.tp_rank) if tensors[key]["shape"] == full
+                    else reader.region(key, torch.Size(tensors[key]["shape"]), None, 0)  # replicated: Adam's step
+                    for key, k in by_param.get(n, [])}
+        if not state[i]:
+            del state[i]
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    lay = meta["layout"]
+    if (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp):
+        _set_rng_state(reader.file(_rank_file(dims.rank))["rng"])
+    else:
+        _reseed(cfg.train.seed + meta["iteration"])
+    if dims.rank == 0:
+        log(f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
+            f"DP={lay['dp']})" + ("" if (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp) else
+                                 f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, RNG reseeded with "
+                                 f"--seed + iteration"))
+        if meta["global_batch_size"] != cfg.train.global_batch_size:
+            log(f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
+                f"checkpoint's {meta['global_batch_size']}: data continues at sample {meta['consumed_samples']}, "
+                "but the batches differ from the original run's")
     return meta

@@ -43,6 +43,21 @@ def micro_batches(dataset, start: int, cfg, dims, device):
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def blame(op: str, dims, cfg):
+    """Re-raise a failure inside ``op`` naming this rank and the operation: gloo's timeout says
+    only "Timed out waiting 600000ms for recv operation to complete", naming neither."""
+    try:
+        yield
+    except RuntimeError as exc:
+        hint = ""
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            hint = (f" (another rank did not join within --distributed-timeout-minutes "
+                    f"{cfg.parallel.distributed_timeout_minutes}: it is stuck, dead or much slower; see its log)")
+        raise RuntimeError(f"rank {dims.rank} (dp {dims.dp_rank}, cp {dims.cp_rank}, tp {dims.tp_rank}): "
+                           f"{op} failed: {exc}{hint}") from exc
+
+
 def _forward_loss(model, batch, global_tokens, autocast):
     with autocast:
         per_token = model(batch["tokens"], batch["position_ids"], batch["labels"])
@@ -60,17 +75,21 @@ def _global_tokens(batches, dims, device):
 def train_step(model, optimizer, batches, dims, cfg, device):
     """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    global_tokens = _global_tokens(batches, dims, device)
+    with blame("loss-token count all-reduce (DP x CP)", dims, cfg):
+        global_tokens = _global_tokens(batches, dims, device)
     loss_sum = torch.zeros((), device=device)
     for m, batch in enumerate(batches):
         last = m == len(batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with sync, blame(f"forward/backward of micro-batch {m} (TP/CP exchanges, DP x CP gradient all-reduce)",
+                         dims, cfg):
             loss = _forward_loss(model, batch, global_tokens, autocast)
             loss.backward()
         loss_sum += loss.detach()
-    dist.all_reduce(loss_sum, group=dims.dp_cp_group)
-    grad_norm = clip_grad_norm(unwrap(model).parameters(), cfg.train.clip_grad, dims.tp_group)
+    with blame("loss all-reduce (DP x CP)", dims, cfg):
+        dist.all_reduce(loss_sum, group=dims.dp_cp_group)
+    with blame("grad-norm all-reduce (TP)", dims, cfg):
+        grad_norm = clip_grad_norm(unwrap(model).parameters(), cfg.train.clip_grad, dims.tp_group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum.item(), grad_norm.item()
@@ -100,7 +119,7 @@ def _install_exit_handler(state: TrainState):
 
 def _any_rank_wants_exit(state: TrainState, device) -> bool:
     flag = torch.tensor([1.0 if state.exit_requested else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
     return bool(flag.item())
 
 
@@ -139,15 +158,21 @@ def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, 
                       "eta_s": elapsed / (state.iteration - start_iter) * (stop_at - state.iteration)}
         if valid_set is not None and t.eval_interval and (state.iteration % t.eval_interval == 0
                                                           or state.iteration == t.train_iters):
-            valid = evaluate(model, valid_set, dims, cfg, device)
+            with blame("evaluation", dims, cfg):
+                valid = evaluate(model, valid_set, dims, cfg, device)
             if record:
                 record["valid_loss"] = valid
         if logger:
             logger.log(record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at)
-        exiting = ck.exit_signal_handler and _any_rank_wants_exit(state, device)
+        with blame("exit-signal flag all-reduce (world)", dims, cfg):
+            exiting = ck.exit_signal_handler and _any_rank_wants_exit(state, device)
         periodic = ck.save_interval and state.iteration % ck.save_interval == 0
         if ck.save and (periodic or exiting or state.iteration == stop_at):
-            checkpoint.save(ck.save, state.iteration, state.consumed_samples, unwrap(model), optimizer, dims, cfg)
+            with blame("checkpoint save", dims, cfg):
+                checkpoint.save(ck.save, state.iteration, state.consumed_samples, unwrap(model), optimizer, dims, cfg)
         if exiting:
+            if logger:
+                print(f"megalite: exit signal received: stopping after iteration {state.iteration}"
+                      + (f", checkpoint saved in {ck.save}" if ck.save else " (no --save: nothing saved)"), flush=True)
             break
     return state

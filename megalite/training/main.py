@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
     rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
     validate_world(cfg, world)
-    ckpt_dir = checkpoint.resolve_load_dir(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    ckpt_dir = checkpoint.resolve_load_dir(cfg.checkpoint.load, log) if cfg.checkpoint.load else None
     prefix, tok_path = resolve_data(cfg, rank)
     tokenizer = Tokenizer(tok_path)
     vocab = vocab_size_for(cfg, tokenizer)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt_dir is not None:
-        meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims)
+        meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims, cfg, log)
         state = TrainState(meta["iteration"], meta["consumed_samples"])
 
     logger = None

@@ -1,0 +1,87 @@
+"""List what a checkpoint holds: `python -m megalite.training.inspect_ckpt DIR [--tensors]`.
+
+DIR is a --save directory (every iter_* with its state, which one --load would resume from,
+then that one in detail) or one iter_* directory. Reads meta.json only (and file sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+from ..config import ConfigError
+from . import checkpoint
+
+
+def _bytes(meta: dict, prefix: str) -> int:
+    return sum(math.prod(e["shape"]) * getattr(torch, e["dtype"]).itemsize for k, e in meta["tensors"].items()
+               if k.startswith(prefix))
+
+
+def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
+    """Lines describing one complete checkpoint directory."""
+    meta = checkpoint.read_meta(ckpt_dir)
+    lay, m, t = meta["layout"], meta["model"], meta["tensors"]
+    params = sum(math.prod(e["shape"][1:]) * e.get("real", e["shape"][0])
+                 for k, e in t.items() if k.startswith("model/"))
+    groups = m["num_query_groups"] if m["group_query_attention"] else m["num_attention_heads"]
+    lines = [f"{ckpt_dir}:",
+             f"  iteration {meta['iteration']}, consumed samples {meta['consumed_samples']}, "
+             f"global batch {meta['global_batch_size']}, seed {meta['seed']}",
+             f"  layout: TP={lay['tp']} CP={lay['cp']} DP={lay['dp']} (world {lay['world']})",
+             f"  model: {m['num_layers']} layers, hidden {m['hidden_size']}, heads {m['num_attention_heads']} "
+             f"({groups} query groups), {m['normalization']}, {'SwiGLU' if m['swiglu'] else 'GELU'}, "
+             f"vocab {meta['vocab_size']}, {params / 1e6:.2f}M parameters",
+             f"  tensors: {sum(k.startswith('model/') for k in t)} model ({_bytes(meta, 'model/'):,} bytes), "
+             f"{sum(k.startswith('optim/') for k in t)} optimizer ({_bytes(meta, 'optim/'):,} bytes)",
+             f"  files: {len(meta['files'])}, {sum(meta['files'].values()):,} bytes"]
+    lines += [f"    {name}  {size:,} bytes" for name, size in sorted(meta["files"].items())]
+    if tensors:
+        for key, e in sorted(t.items()):
+            rows = f" ({e['real']} real rows)" if "real" in e else ""
+            split = (f"split on dim {e['dim']} over {', '.join(e['files'])}" if e["dim"] is not None
+                     else f"replicated, in {e['files'][0]}")
+            lines.append(f"    {key}  {e['shape']}{rows} {e['dtype']} {split}")
+    return lines
+
+
+def report(path: str, tensors: bool = False) -> list[str]:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: no such directory")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        why = checkpoint.problem(path)
+        return [f"{path}: incomplete: {why}"] if why else describe(path, tensors)
+    latest = checkpoint.read_latest(path)
+    lines = [f"{path}:"]
+    for name in checkpoint.list_checkpoints(path):
+        why = checkpoint.problem(os.path.join(path, name))
+        lines.append(f"  {name}  {'complete' if why is None else 'INCOMPLETE: ' + why}"
+                     + ("  <- latest" if name == latest else ""))
+    notes = []
+    try:
+        chosen = checkpoint.resolve_load_dir(path, log=notes.append)
+    except ConfigError as exc:
+        return lines + [f"--load would fail: {exc}"]
+    if chosen is None:
+        return lines + notes
+    return lines + notes + [f"--load resumes from {os.path.basename(chosen)}"] + describe(chosen, tensors)
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser("python -m megalite.training.inspect_ckpt", description=__doc__.split("\n")[0])
+    p.add_argument("path", help="a --save directory or one iter_* checkpoint directory")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor (shape, dtype, split, files)")
+    args = p.parse_args(argv)
+    try:
+        print("\n".join(report(args.path, args.tensors)))
+    except ConfigError as exc:
+        print(f"inspect_ckpt: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

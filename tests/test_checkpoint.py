@@ -1,0 +1,163 @@
+"""Sharded checkpoints: resharding across layouts, atomicity, --load resolution, bad input, inspect."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megalite.config import ConfigError
+from megalite.training import checkpoint
+from megalite.training.main import main
+from multiproc import run_ranks
+from pretrain_utils import TINY, losses, train
+
+# GQA + SwiGLU + a vocabulary (520) whose padding differs for TP 1, 2 and 4 (640, 768, 1024 rows).
+MODEL = ["--swiglu", "--group-query-attention", "--num-query-groups", "2", "--vocab-size", "520",
+         "--global-batch-size", "4", "--micro-batch-size", "2"]
+
+
+def layout(tp, cp):
+    return ["--tensor-parallel-size", str(tp), "--context-parallel-size", str(cp)]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, corpus):
+    """An uninterrupted TP=2 x CP=2 run of 6 iterations that saves at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("ref")
+    ck = str(tmp / "ck")
+    records = train(tmp, "ref", 4, corpus + MODEL + layout(2, 2) + ["--train-iters", "6", "--save", ck,
+                                                                     "--save-interval", "3"])
+    return records, ck, corpus + MODEL + ["--train-iters", "6"]
+
+
+def test_layout_and_dedup_of_saved_files(ref):
+    _, ck, _ = ref
+    d = os.path.join(ck, "iter_0000003")
+    assert sorted(os.listdir(d)) == ["meta.json"] + [f"rank_{r:05d}.pt" for r in range(4)]
+    meta = checkpoint.read_meta(d)
+    assert meta["iteration"] == 3 and meta["consumed_samples"] == 12
+    assert meta["layout"] == {"tp": 2, "cp": 2, "dp": 1, "world": 4}
+    emb = meta["tensors"]["model/embedding.word.weight"]
+    assert emb["shape"] == [768, 64] and emb["dim"] == 0 and emb["real"] == 520 and len(emb["files"]) == 2
+    assert meta["tensors"]["model/layers.0.attention.proj.weight"]["dim"] == 1
+    assert meta["tensors"]["optim/layers.0.attention.proj.weight/exp_avg"]["dim"] == 1
+    assert meta["tensors"]["optim/layers.0.attention.proj.weight/step"] == {
+        "shape": [], "dtype": "float32", "dim": None, "files": meta["tensors"][
+            "optim/layers.0.attention.proj.weight/step"]["files"]}
+    # every tensor shard is stored exactly once, and every rank wrote a share
+    stored = {r: torch.load(os.path.join(d, f"rank_{r:05d}.pt"), weights_only=True)["tensors"] for r in range(4)}
+    assert all(stored.values())
+    expected = sum(torch.Size(e["shape"]).numel() * 4 for e in meta["tensors"].values())
+    assert sum(t.nbytes for files in stored.values() for t in files.values()) == expected
+
+
+def test_same_layout_resume_is_bitwise(ref, tmp_path):
+    records, ck, common = ref
+    rest = train(tmp_path, "same", 4, common + layout(2, 2) + ["--load", os.path.join(ck, "iter_0000003")])
+    assert [r["iteration"] for r in rest] == [4, 5, 6]
+    assert [r["loss"] for r in rest] == [r["loss"] for r in records[3:]]
+    assert [r["grad_norm"] for r in rest] == [r["grad_norm"] for r in records[3:]]
+
+
+@pytest.mark.parametrize("tp,cp,world", [(1, 1, 1), (1, 4, 4), (2, 1, 4)], ids=["TP1", "CP4", "DP2xTP2"])
+def test_reshard_continues_the_same_run(ref, tmp_path, tp, cp, world):
+    records, ck, common = ref
+    rest = train(tmp_path, "re", world, common + layout(tp, cp) + ["--load", os.path.join(ck, "iter_0000003")])
+    assert [r["iteration"] for r in rest] == [4, 5, 6]
+    for a, b in zip(records[3:], rest):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["lr"] == a["lr"] and b["consumed_samples"] == a["consumed_samples"]
+
+
+def _die_in_second_save(rank, world, argv):
+    """Write half of the iteration-4 checkpoint file, then die as if SIGKILLed."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if ".tmp_iter_0000004" in getattr(f, "name", ""):
+            f.truncate(f.tell() // 2)
+            f.flush()
+            os._exit(9)
+
+    torch.save = save
+    main(argv)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(ref, tmp_path):
+    records, _, common = ref
+    ck, out = tmp_path / "ck", tmp_path / "first"
+    argv = TINY + common + ["--save", str(ck), "--save-interval", "2", "--log-dir", str(out)]
+    with pytest.raises(Exception, match="exit code 9"):
+        run_ranks(_die_in_second_save, 1, tmp_path / "spawn", argv)
+    assert (ck / "latest").read_text().strip() == "iter_0000002"
+    assert (ck / ".tmp_iter_0000004").is_dir() and not (ck / "iter_0000004").exists()
+    assert checkpoint.resolve_load_dir(str(ck)) == str(ck / "iter_0000002")
+    first = losses(out)
+    assert [r["iteration"] for r in first] == [1, 2, 3, 4]
+    rest = train(tmp_path, "rest", 2, common + layout(2, 1) + ["--load", str(ck), "--save", str(ck)])  # TP 1 -> 2
+    assert [r["iteration"] for r in rest] == [3, 4, 5, 6]
+    for a, b in zip(records + records[2:4], first[:2] + rest + first[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    assert not (ck / ".tmp_iter_0000004").exists()  # the next save cleared the leftover
+    assert (ck / "latest").read_text().strip() == "iter_0000006"
+
+
+def test_load_resolution(ref, tmp_path):
+    _, ck, _ = ref
+    with pytest.raises(ConfigError, match="no such directory.*mkdir -p"):
+        checkpoint.resolve_load_dir(str(tmp_path / "nope"))
+    lines = []
+    fresh = tmp_path / "fresh"
+    (fresh / ".tmp_iter_0000002").mkdir(parents=True)  # a first save that crashed, and a log
+    (fresh / "metrics.jsonl").write_text("{}\n")
+    assert checkpoint.resolve_load_dir(str(fresh), lines.append) is None
+    assert "holds no checkpoint yet; starting from iteration 0" in lines[-1]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ck, copy)
+    assert checkpoint.resolve_load_dir(str(copy)) == str(copy / "iter_0000006")
+    victim = copy / "iter_0000006" / "rank_00002.pt"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated (e.g. a disk that filled up)
+    assert checkpoint.resolve_load_dir(str(copy), lines.append) == str(copy / "iter_0000003")
+    assert "iter_0000006: rank_00002.pt is truncated" in lines[-1] and "resuming from iter_0000003" in lines[-1]
+    os.remove(copy / "iter_0000003" / "meta.json")
+    with pytest.raises(ConfigError, match="no complete checkpoint.*truncated.*no meta.json"):
+        checkpoint.resolve_load_dir(str(copy))
+    with pytest.raises(ConfigError, match="not a complete checkpoint: rank_00002.pt is truncated"):
+        checkpoint.resolve_load_dir(str(copy / "iter_0000006"))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "latest").write_text("iter_0000005\n")
+    with pytest.raises(ConfigError, match="iter_0000005: missing.*'latest' names it"):
+        checkpoint.resolve_load_dir(str(gone))
+
+
+def test_bad_input_fails_before_any_collective(ref, monkeypatch):
+    _, ck, common = ref
+    with pytest.raises(ConfigError, match=r"holds a different model: tensor embedding.word.weight is \[520, 64\] "
+                                          r"in the checkpoint but \[520, 32\].*hidden_size"):
+        main(TINY + common + ["--load", ck, "--hidden-size", "32"])
+    no_swiglu = [a for a in common if a != "--swiglu"]
+    with pytest.raises(ConfigError, match=r"tensors not in this model: layers.0.mlp.gate.weight, .*; tensor "
+                                          r"layers.0.mlp.fc1.weight is \[192, 64\] in the checkpoint but \[256, 64\]"):
+        main(TINY + no_swiglu + ["--load", ck])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="world size 4 is not divisible by tensor-parallel-size 3"):
+        main(TINY + common + layout(3, 1) + ["--load", ck])
+
+
+def test_inspect_lists_iteration_layout_and_sizes(ref):
+    _, ck, _ = ref
+    out = subprocess.run([sys.executable, "-m", "megalite.training.inspect_ckpt", ck, "--tensors"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "iter_0000006  complete  <- latest" in out and "iter_0000003  complete" in out
+    assert "iteration 6, consumed samples 24, global batch 4" in out
+    assert "layout: TP=2 CP=2 DP=1 (world 4)" in out
+    assert "model.embedding.word.weight" not in out and "model/embedding.word.weight  [768, 64] (520 real rows)" in out
+    meta = json.loads(open(os.path.join(ck, "iter_0000006", "meta.json")).read())
+    assert f"{sum(meta['files'].values()):,} bytes" in out

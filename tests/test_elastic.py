@@ -1,0 +1,109 @@
+"""pretrain.py under torchrun: kill -9 + --max-restarts resumes exactly, SIGTERM saves and exits,
+a stuck rank makes the others fail with a message naming rank and operation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megalite.training import checkpoint
+from pretrain_utils import ROOT, TINY, losses
+
+ITERS = 30
+FLAGS = ["--train-iters", str(ITERS), "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-interval", "0"]
+
+
+def torchrun(tmp_path, name, argv, **env):
+    """Start launch/torchrun.sh (2 ranks) with `env` added; output goes to tmp_path/name.log."""
+    log = open(tmp_path / f"{name}.log", "w")
+    cmd = ["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, *FLAGS, *argv, "--log-dir", str(tmp_path / name)]
+    env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+
+
+def output(tmp_path, name):
+    return (tmp_path / f"{name}.log").read_text()
+
+
+def worker_pid(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of the worker with global rank `rank` among the torchrun agent's children."""
+    children = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
+    for pid in children:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise LookupError(f"no worker with RANK={rank} among {children}")
+
+
+def wait_for_iteration(tmp_path, name, agent, iteration, timeout=300):
+    """Block until metrics.jsonl shows `iteration`; returns the records so far."""
+    path, deadline = tmp_path / name / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert agent.poll() is None, output(tmp_path, name)[-3000:]
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+            if records and records[-1]["iteration"] >= iteration:
+                return records
+        time.sleep(0.02)
+    raise TimeoutError(f"iteration {iteration} not reached")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    tmp = tmp_path_factory.mktemp("elastic")
+    agent = torchrun(tmp, "ref", corpus)
+    assert agent.wait(timeout=600) == 0, output(tmp, "ref")[-3000:]
+    return losses(tmp / "ref")
+
+
+def test_kill_minus_9_restarts_from_latest_checkpoint(tmp_path, corpus, reference):
+    ck = tmp_path / "ck"  # the script creates it; empty, so the first attempt starts fresh
+    agent = torchrun(tmp_path, "run", corpus + ["--save-interval", "3"], CKPT_DIR=str(ck), MAX_RESTARTS="1")
+    wait_for_iteration(tmp_path, "run", agent, 5)
+    os.kill(worker_pid(agent, 1), signal.SIGKILL)
+    assert agent.wait(timeout=600) == 0, output(tmp_path, "run")[-3000:]
+    text = output(tmp_path, "run")
+    assert "holds no checkpoint yet; starting from iteration 0" in text and "resuming" in text
+    records = losses(tmp_path / "run")
+    assert len(records) > ITERS, "no iteration was repeated: the kill came too late"
+    last = {r["iteration"]: r for r in records}
+    assert sorted(last) == list(range(1, ITERS + 1))
+    for ref in reference:  # every record, before and after the restart, equals the uninterrupted run's
+        assert all(r["loss"] == ref["loss"] and r["grad_norm"] == ref["grad_norm"]
+                   for r in records if r["iteration"] == ref["iteration"]), ref["iteration"]
+    assert checkpoint.read_latest(str(ck)) == f"iter_{ITERS:07d}"
+
+
+def test_sigterm_saves_on_every_rank_and_exits_cleanly(tmp_path, corpus, reference):
+    ck = tmp_path / "ck"
+    agent = torchrun(tmp_path, "run", corpus + ["--save", str(ck), "--exit-signal-handler"])
+    wait_for_iteration(tmp_path, "run", agent, 3)
+    os.kill(worker_pid(agent, 1), signal.SIGTERM)  # one rank hears it; all must stop at the same step
+    assert agent.wait(timeout=600) == 0, output(tmp_path, "run")[-3000:]
+    records = losses(tmp_path / "run")
+    stop = records[-1]["iteration"]
+    assert stop < ITERS and f"exit signal received: stopping after iteration {stop}" in output(tmp_path, "run")
+    meta = checkpoint.read_meta(checkpoint.resolve_load_dir(str(ck)))
+    assert meta["iteration"] == stop and meta["consumed_samples"] == records[-1]["consumed_samples"]
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference[:stop]]
+
+
+def test_stuck_rank_times_out_naming_rank_and_operation(tmp_path, corpus):
+    agent = torchrun(tmp_path, "run", corpus + ["--distributed-timeout-minutes", "0.15"])
+    wait_for_iteration(tmp_path, "run", agent, 2)
+    stuck = worker_pid(agent, 1)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        deadline = time.time() + 120
+        while "failed:" not in output(tmp_path, "run") and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(stuck, signal.SIGKILL)
+    assert agent.wait(timeout=120) != 0
+    text = output(tmp_path, "run")
+    assert "rank 0 (dp 0, cp 0, tp 0): " in text, text[-3000:]
+    line = next(ln for ln in text.splitlines() if "rank 0 (dp 0, cp 0, tp 0): " in ln)
+    assert "failed:" in line and "imed out" in line and "--distributed-timeout-minutes 0.15" in line, line
