@@ -65,9 +65,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP
         s, b = qkv.shape[:2]
         groups, per_group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        qkv = qkv.view(s, b, groups, per_group + 2, d).transpose(0, 1)  # (b, s, groups, per_group+2, d)
-        q = qkv[:, :, :, :per_group].reshape(b, s, groups * per_group, d)
-        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (b, s, groups, d)
+        # split (not slicing) so the backward assembles d(qkv) with one cat instead of three zero-fills
+        q, k, v = qkv.view(s, b, groups, per_group + 2, d).split([per_group, 1, 1], dim=3)
+        q = q.reshape(s, b, groups * per_group, d).transpose(0, 1)  # (b, s, heads, d)
+        k, v = k.squeeze(3).transpose(0, 1), v.squeeze(3).transpose(0, 1)  # (b, s, groups, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.selective_recompute and self.training:
