@@ -1,10 +1,13 @@
 """launch/slurm.sbatch on a real two-node SLURM cluster started on this machine (launch/local_slurm.sh)."""
+import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,17 +49,49 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", LOCAL_SLURM, "stop", str(d)], timeout=60)
 
 
-def test_two_node_sbatch_trains_tp2_cp2_and_checkpoints(cluster, corpus, tmp_path):
-    ck, out = tmp_path / "ck", tmp_path / "job.out"
+def last_iteration(metrics) -> int:
+    lines = [ln for ln in metrics.read_text().splitlines() if ln.endswith("}")]  # skip a half-written line
+    return json.loads(lines[-1])["iteration"] if lines else 0
+
+
+def worker_with_rank(rank: int, marker: str) -> int:
+    """pid of the pretrain.py process with RANK=rank whose command line contains `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"pretrain.py" in cmd and marker.encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise LookupError(f"no worker with RANK={rank}")
+
+
+def test_two_node_sbatch_tp2_cp2_checkpoints_and_survives_kill_minus_9(cluster, corpus, tmp_path):
+    """sbatch -N2, 2 ranks per node, TP=2 x CP=2 on gloo; rank 3 is SIGKILLed mid-run: both nodes'
+    torchruns restart their ranks, which resume from the latest checkpoint and finish."""
+    ck, out, iters = tmp_path / "ck", tmp_path / "job.out", 40
     env = dict(cluster, GPUS_PER_NODE="2", TP="2", CP="2", CKPT_DIR=str(ck), PYTHON=sys.executable,
-               MEGALITE_ROOT=ROOT, MASTER_PORT=str(free_ports(1)))
+               MEGALITE_ROOT=ROOT, MASTER_PORT=str(free_ports(1)), MAX_RESTARTS="1")
     cmd = ["sbatch", "--wait", "-N2", "-o", str(out), os.path.join(ROOT, "launch", "slurm.sbatch"),
-           *TINY, *corpus, "--train-iters", "3", "--global-batch-size", "4", "--micro-batch-size", "2"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    text = out.read_text() if out.exists() else ""
-    assert proc.returncode == 0, proc.stdout + proc.stderr + text[-4000:]
+           *TINY, *corpus, "--train-iters", str(iters), "--save-interval", "5", "--eval-interval", "0",
+           "--global-batch-size", "4", "--micro-batch-size", "2", "--distributed-timeout-minutes", "2"]
+    job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (ck / "latest").exists() or last_iteration(ck / "metrics.jsonl") < 7:
+            assert job.poll() is None and time.time() < deadline, out.read_text()[-4000:]
+            time.sleep(0.02)
+        os.kill(worker_with_rank(3, str(ck)), signal.SIGKILL)
+        assert job.wait(timeout=600) == 0, job.stdout.read() + out.read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = out.read_text()
     assert "2 nodes x 2 ranks, TP=2 CP=2" in text and "world 4 = DP 1 x CP 2 x TP 2" in text
-    assert [r["iteration"] for r in losses(ck)] == [1, 2, 3]
+    assert "resuming" in text
+    records = losses(ck)
+    assert len(records) > iters and sorted({r["iteration"] for r in records}) == list(range(1, iters + 1))
     meta = checkpoint.read_meta(checkpoint.resolve_load_dir(str(ck)))
-    assert meta["iteration"] == 3 and meta["layout"] == {"tp": 2, "cp": 2, "dp": 1, "world": 4}
+    assert meta["iteration"] == iters and meta["layout"] == {"tp": 2, "cp": 2, "dp": 1, "world": 4}
     assert sorted(meta["files"]) == [f"rank_{r:05d}.pt" for r in range(4)]

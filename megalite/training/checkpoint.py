@@ -86,7 +86,7 @@ def partition_dims(model: torch.nn.Module) -> dict[str, int]:
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for mod in model.modules():
-        dim = _SPLIT_DIM.get(type(mod))
+        dim = next((d for cls, d in _SPLIT_DIM.items() if isinstance(mod, cls)), None)
         if dim is None:
             continue
         out[names[id(mod.weight)]] = dim
@@ -161,6 +161,11 @@ def _reseed(seed: int) -> None:
 
 # ---- save ----------------------------------------------------------------------------------
 
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it owns its whole storage, else a copy: torch.save writes entire storages."""
+    return t if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, cfg) -> str:
     """Collective over the world: every rank calls it. Returns the committed checkpoint directory."""
     world = dist.group.WORLD
@@ -181,7 +186,7 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
         raise RuntimeError(f"checkpoint save: ranks hold different tensor sets or shapes {digests}")
     plan = _assign(entries, dims)
     shard = dims.tp_rank
-    mine = {k: entries[k][0].cpu().clone() for k, w in plan.items()
+    mine = {k: _standalone(entries[k][0].cpu()) for k, w in plan.items()
             if w[shard if len(w) > 1 else 0] == dims.rank}
     path = os.path.join(tmp, _rank_file(dims.rank))
     with open(path, "wb") as fh:
@@ -348,9 +353,8 @@ class _Reader:
         if "real" in e:
             limit[0] = e["real"]
         out = torch.zeros(local, dtype=getattr(torch, e["dtype"]))
-        for k, fname in enumerate(e["files"]):
-            src_lo = [0] * len(limit)
-            src_hi = list(e["shape"])
+        for k, fname in enumerate(e["files"]):  # old shard k covers [src_lo, src_hi) of the dense tensor
+            src_lo, src_hi = [0] * len(limit), list(e["shape"])
             if e["dim"] is not None:
                 n = e["shape"][e["dim"]] // len(e["files"])
                 src_lo[e["dim"]], src_hi[e["dim"]] = k * n, (k + 1) * n
@@ -358,47 +362,54 @@ class _Reader:
             b = [min(x, y, z) for x, y, z in zip(hi, src_hi, limit)]
             if any(x >= y for x, y in zip(a, b)):
                 continue
-            src = self.file(fname)["tensors"][key]
-            out[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))] = \
-                src[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, src_lo))]
+            dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))
+            src = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, src_lo))
+            out[dst] = self.file(fname)["tensors"][key][src]
         return out
 
 
-def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
-    """Load model, optimizer and RNG into this rank's (possibly differently laid out) model.
-    Returns meta (iteration, consumed_samples). Call after check_compatible."""
-    meta = read_meta(ckpt_dir)
-    reader, split = _Reader(ckpt_dir, meta), partition_dims(model)
-    tensors = meta["tensors"]
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
-    by_param = {}
-    for key in tensors:
+def _optimizer_state(reader: _Reader, model, optimizer, split: dict, tp_rank: int) -> dict:
+    """torch's optimizer ``state`` ({param index: {name: tensor}}) read for this rank's shards."""
+    keys = {}
+    for key in reader.index:
         if key.startswith("optim/"):
-            n, _, k = key[len("optim/"):].rpartition("/")
-            by_param.setdefault(n, []).append((key, k))
+            n, _, k = key.removeprefix("optim/").rpartition("/")
+            keys.setdefault(n, []).append((key, k))
     names = {id(p): n for n, p in model.named_parameters()}
     state = {}
     for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         n = names[id(p)]
-        full = tensors[f"model/{n}"]["shape"]
-        state[i] = {k: reader.region(key, p.shape, split.get(n), dims.tp_rank) if tensors[key]["shape"] == full
-                    else reader.region(key, torch.Size(tensors[key]["shape"]), None, 0)  # replicated: Adam's step
-                    for key, k in by_param.get(n, [])}
-        if not state[i]:
-            del state[i]
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        dense = reader.index[f"model/{n}"]["shape"]
+        per_param = {}
+        for key, k in keys.get(n, []):
+            shape = reader.index[key]["shape"]
+            per_param[k] = (reader.region(key, p.shape, split.get(n), tp_rank) if shape == dense  # exp_avg, ...
+                            else reader.region(key, torch.Size(shape), None, 0))  # replicated, e.g. step
+        if per_param:
+            state[i] = per_param
+    return state
+
+
+def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
+    """Load model, optimizer and RNG into this rank's (possibly differently laid out) model.
+    Returns meta (iteration, consumed_samples). Call check_compatible first."""
+    meta = read_meta(ckpt_dir)
+    reader, split = _Reader(ckpt_dir, meta), partition_dims(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
+    optimizer.load_state_dict({"state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
+                               "param_groups": optimizer.state_dict()["param_groups"]})
     lay = meta["layout"]
-    if (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp):
+    same_layout = (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp)
+    if same_layout:
         _set_rng_state(reader.file(_rank_file(dims.rank))["rng"])
     else:
         _reseed(cfg.train.seed + meta["iteration"])
     if dims.rank == 0:
         log(f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
-            f"DP={lay['dp']})" + ("" if (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp) else
-                                 f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, RNG reseeded with "
-                                 f"--seed + iteration"))
+            f"DP={lay['dp']})" + ("" if same_layout else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, "
+                                                         "RNG reseeded with --seed + iteration"))
         if meta["global_batch_size"] != cfg.train.global_batch_size:
             log(f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
                 f"checkpoint's {meta['global_batch_size']}: data continues at sample {meta['consumed_samples']}, "

@@ -52,10 +52,10 @@ def blame(op: str, dims, cfg):
     except RuntimeError as exc:
         hint = ""
         if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-            hint = (f" (another rank did not join within --distributed-timeout-minutes "
+            hint = (f" (a peer did not join within --distributed-timeout-minutes "
                     f"{cfg.parallel.distributed_timeout_minutes}: it is stuck, dead or much slower; see its log)")
         raise RuntimeError(f"rank {dims.rank} (dp {dims.dp_rank}, cp {dims.cp_rank}, tp {dims.tp_rank}): "
-                           f"{op} failed: {exc}{hint}") from exc
+                           f"{op} failed{hint}: {exc}") from exc
 
 
 def _forward_loss(model, batch, global_tokens, autocast):
