@@ -28,8 +28,9 @@ def _entry(rank, world, fn, tmp, args):
         fn(rank, world, *args)
         dist.barrier()
     except BaseException:
-        with open(err, "w") as fh:
+        with open(err + ".tmp", "w") as fh:  # renamed into place: the parent never reads half a file
             fh.write(f"{time.time():.6f}\n{traceback.format_exc()}")
+        os.replace(err + ".tmp", err)
         raise
     finally:
         if dist.is_initialized():
@@ -48,6 +49,8 @@ def run_ranks(fn, world: int, tmp, *args, timeout: float = 300):
             if time.time() > deadline:
                 raise TimeoutError(f"ranks did not finish within {timeout}s")
     except Exception as exc:
+        for p in ctx.processes:  # peers of a failed rank fail soon after; let them write their traceback
+            p.join(timeout=max(0.0, min(10.0, deadline - time.time())))
         errs = []
         for r in range(world):
             path = os.path.join(tmp, f"rank{r}.err")

@@ -50,7 +50,7 @@ def test_pretrain_py_under_torchrun_default_corpus(tmp_path):
     assert [r["iteration"] for r in records] == [1, 2, 3]
     assert all({"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in records)
     assert "lm loss:" in proc.stdout and "tokens/s:" in proc.stdout
-    assert sorted(os.listdir(save / "iter_0000003")) == ["meta.json", "model_tp00.pt", "rng_r00000.pt", "rng_r00001.pt"]
+    assert sorted(os.listdir(save / "iter_0000003")) == ["meta.json", "rank_00000.pt", "rank_00001.pt"]
 
 
 def test_bad_data_and_vocab_fail_before_training(tmp_path, corpus):
