@@ -65,10 +65,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP
         s, b = qkv.shape[:2]
         groups, per_group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        # split (not slicing) so the backward assembles d(qkv) with one cat instead of three zero-fills
-        q, k, v = qkv.view(s, b, groups, per_group + 2, d).split([per_group, 1, 1], dim=3)
-        q = q.reshape(s, b, groups * per_group, d).transpose(0, 1)  # (b, s, heads, d)
-        k, v = k.squeeze(3).transpose(0, 1), v.squeeze(3).transpose(0, 1)  # (b, s, groups, d)
+        # One cheap copy to batch-major memory: attention kernels stream along the sequence, and a
+        # [s, b]-major stride makes them markedly slower. split (not slicing) keeps the backward one cat.
+        qkv = qkv.transpose(0, 1).contiguous().view(b, s, groups, per_group + 2, d)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(b, s, groups * per_group, d)  # (b, s, heads, d)
+        k, v = k.squeeze(3), v.squeeze(3)  # (b, s, groups, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.selective_recompute and self.training:
