@@ -40,8 +40,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: Config, device:
     model.to(device)
     if dims.dp * dims.cp > 1:
         group = dims.dp_cp_group
-        model = DDP(model, process_group=group, broadcast_buffers=False,
-                    device_ids=[device] if device.type == "cuda" else None)
+        # The model has no buffers, so DDP's buffer options (renamed across torch releases) stay at defaults.
+        model = DDP(model, process_group=group, device_ids=[device] if device.type == "cuda" else None)
         model.register_comm_hook(group, _sum_hook)
     return model
 
