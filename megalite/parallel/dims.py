@@ -85,6 +85,12 @@ class ParallelDims:
         """Exactly one rank logs metrics."""
         return self.rank == 0
 
+    def dropout_seed(self, base: int) -> int:
+        """Seed of this rank's dropout stream. Ranks that hold different tokens (CP shards, SP
+        shards) draw different masks; TP ranks without SP must agree, as their hidden
+        activations are replicas (Megatron's rule)."""
+        return base + 1009 * self.cp_rank + (101 * self.tp_rank if self.sequence_parallel else 0)
+
     def describe(self) -> str:
         return f"world {self.world_size} = DP {self.dp} x CP {self.cp} x TP {self.tp}" + (
             " (+SP)" if self.sequence_parallel else "")

@@ -20,9 +20,9 @@ TP rank owns, copying from whichever old shards overlap it (files are memory-map
 those bytes are read). Vocabulary tensors keep their ``vocab_size`` real rows; the padding,
 which depends on TP, is re-created as zeros. LR schedule = f(iteration) and the data position
 is ``consumed_samples``; both are layout independent. RNG: the same layout (TP, CP, DP)
-restores every rank's streams exactly; another layout reseeds every rank with
-``--seed + iteration`` (per-rank streams have no meaning there; dropout masks differ from an
-uninterrupted run, results are otherwise the same up to floating-point summation order).
+restores every rank's streams exactly; another layout reseeds each rank from ``--seed +
+iteration`` through ParallelDims.dropout_seed (per-rank streams have no meaning there; dropout
+masks differ from an uninterrupted run, results are otherwise the same up to summation order).
 
 Atomic save: ranks write into ``.tmp_iter_...``; after all have written, rank 0 writes
 meta.json (with every file's size), renames the directory into place, and only then replaces
@@ -405,7 +405,7 @@ def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
     if same_layout:
         _set_rng_state(reader.file(_rank_file(dims.rank))["rng"])
     else:
-        _reseed(cfg.train.seed + meta["iteration"])
+        _reseed(dims.dropout_seed(cfg.train.seed + meta["iteration"]))
     if dims.rank == 0:
         log(f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
             f"DP={lay['dp']})" + ("" if same_layout else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, "

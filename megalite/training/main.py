@@ -91,9 +91,7 @@ def main(argv=None) -> int:
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     flops_n = model.num_params() - (model.embedding.position.weight.numel() if model.embedding.position else 0)
     model = parallelize(model, dims, cfg, device)
-    # Dropout streams: ranks holding different tokens (CP shards, SP shards) draw different masks;
-    # TP ranks without SP must agree, since their hidden activations are replicas (Megatron's rule).
-    torch.manual_seed(cfg.train.seed + 1009 * dims.cp_rank + (101 * dims.tp_rank if dims.sequence_parallel else 0))
+    torch.manual_seed(dims.dropout_seed(cfg.train.seed))
     optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt_dir is not None:
