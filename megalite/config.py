@@ -195,6 +195,8 @@ def validate(cfg: Config) -> None:
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
     if m.use_flash_attn:
+        if not t.bf16:
+            raise ConfigError("--use-flash-attn needs --bf16: flash-attn kernels run in fp16/bf16 only")
         try:
             import flash_attn  # noqa: F401
         except ImportError:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, ffn_hidden_size, head_dim, num_query_groups, padded_vocab_size
+from .ops.attention import flash_attn_available
 from .ops.norm import build_norm
 
 
@@ -34,16 +35,24 @@ def apply_rope(x, cos, sin):
 
 
 class CoreAttention(nn.Module):
-    """Causal softmax attention over the local sequence: (b, s, h, d) -> (b, s, h, d)."""
+    """Causal softmax attention over the local sequence: (b, s, h, d) -> (b, s, h, d).
 
-    def __init__(self, dropout: float = 0.0):
+    flash-attn when it is installed and the inputs are CUDA fp16/bf16 (always with
+    --use-flash-attn), torch's scaled_dot_product_attention otherwise."""
+
+    def __init__(self, dropout: float = 0.0, use_flash_attn: bool = False):
         super().__init__()
-        self.dropout = dropout
+        self.dropout, self.use_flash_attn = dropout, use_flash_attn
 
     def forward(self, q, k, v):
+        p = self.dropout if self.training else 0.0
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if self.use_flash_attn or (q.is_cuda and half and flash_attn_available()):
+            from flash_attn import flash_attn_func  # (b, s, h, d) layout and GQA, as here
+            return flash_attn_func(q, k, v, dropout_p=p, causal=True)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                             enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
 
 
@@ -59,7 +68,7 @@ class Attention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear)
         self.proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
-        self.core_attention = CoreAttention(cfg.attention_dropout)
+        self.core_attention = CoreAttention(cfg.attention_dropout, cfg.use_flash_attn)
 
     def forward(self, x, rope):
         qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP

@@ -42,7 +42,8 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     (["--hidden-size", "100", "--num-attention-heads", "3"], "set --kv-channels"),
     (["--seq-length", "512", "--max-position-embeddings", "256"], "exceeds --max-position-embeddings"),
     (["--save-interval", "5"], "without --save"),
-    (["--use-flash-attn"], "flash-attn is not installed"),
+    (["--use-flash-attn", "--bf16"], "flash-attn is not installed"),
+    (["--use-flash-attn"], "needs --bf16"),
 ])
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,5 +1,9 @@
+import sys
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megalite.config import ModelConfig
 from megalite.model import GPT
@@ -79,3 +83,21 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert first > 5.0 and loss.item() < 0.1, (first, loss.item())
+
+
+def test_use_flash_attn_routes_core_attention_to_flash_attn(monkeypatch):
+    calls = []
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):  # stand-in with flash-attn's signature
+        calls.append((q.shape, k.shape, dropout_p, causal))
+        rep = q.shape[2] // k.shape[2]
+        q, k, v = q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    kw = dict(group_query_attention=True, num_query_groups=2)
+    tokens, pos, labels = batch()
+    ref = GPT(tiny(**kw), 200, seed=6)(tokens, pos, labels)
+    flash = GPT(tiny(use_flash_attn=True, **kw), 200, seed=6)(tokens, pos, labels)
+    torch.testing.assert_close(flash, ref)
+    assert calls and all(c[1][2] == 2 and c[3] for c in calls), "GQA K/V must reach flash-attn unexpanded"
