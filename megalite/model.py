@@ -170,7 +170,8 @@ class GPT(nn.Module):
                 p.fill_(1.0)
             else:
                 scale = out_std if name.endswith(("proj.weight", "fc2.weight")) else std
-                rows = self.vocab_size if p.shape[0] == self.padded_vocab_size else p.shape[0]
+                vocab_rows = name in ("embedding.word.weight", "output_layer.weight")
+                rows = self.vocab_size if vocab_rows else p.shape[0]
                 p.zero_()  # padded vocabulary rows stay zero, so any padding draws the same weights
                 p[:rows] = torch.randn((rows, *p.shape[1:]), generator=gen) * scale
 

@@ -48,6 +48,11 @@ def test_same_seed_same_weights_and_tied_embeddings():
     assert not torch.equal(a.layers[0].mlp.fc1.weight, c.layers[0].mlp.fc1.weight)
     assert a.output_layer.weight is a.embedding.word.weight
     assert a.embedding.word.weight[200:].abs().sum() == 0
+    # hidden 256 == padded vocab 256: only vocabulary tensors may have zero (padding) rows
+    d = GPT(tiny(hidden_size=256, position_embedding_type="learned_absolute", seq_length=256), 200)
+    for name, p in d.named_parameters():
+        if p.dim() == 2 and name != "embedding.word.weight":
+            assert (p.abs().sum(1) > 0).all(), name
 
 
 def test_vocab_repadding_keeps_weights_and_outputs():
