@@ -92,7 +92,6 @@ class DataConfig:
     data_path: Optional[str] = _f(None, "--data-path", "dataset prefix (PREFIX.bin/.idx); default: embedded corpus")
     split: str = _f("969,30,1", "--split", "train,valid,test weights")
     tokenizer_model: Optional[str] = _f(None, "--tokenizer-model", "sentencepiece .model")
-    num_workers: int = _f(0, "--num-workers", "unused on CPU; kept for Megatron scripts")
 
 
 @dataclass
@@ -154,25 +153,39 @@ def _load_file(path: str) -> dict:
     return {k.lstrip("-").replace("-", "_"): v for k, v in raw.items()}
 
 
+def _file_argv(defaults: dict) -> list[str]:
+    """A --config file as flags, so its values get the same type and choice checks as the command line."""
+    fields = {f.name: f for _, cls in _sections() for f in dataclasses.fields(cls)}
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise ConfigError(f"--config: unknown keys {unknown}")
+    argv = []
+    for key, val in defaults.items():
+        f = fields[key]
+        if f.type in ("bool", bool):
+            if not isinstance(val, bool):
+                raise ConfigError(f"--config: {key} must be true or false (got {val!r})")
+            if val != f.default:
+                argv.append(f.metadata["flag"] if val else "--disable-bias-linear")
+        elif val is not None:
+            argv += [f.metadata["flag"], str(val)]
+    return argv
+
+
 def parse(argv=None) -> Config:
-    """Parse flags (and an optional --config file) into a validated Config."""
-    ns = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
-    defaults = _load_file(ns.pop("config")) if ns.get("config") else {}
-    ns.pop("config", None)
+    """Parse flags (and an optional --config file of defaults) into a validated Config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config_file = parser.parse_known_args(argv)[0].config
+    if config_file:
+        argv = _file_argv(_load_file(config_file)) + argv  # later flags win
+    ns = vars(parser.parse_args(argv))
     cfg = Config()
-    known = set()
     for name, _ in _sections():
         sec = getattr(cfg, name)
         for f in dataclasses.fields(sec):
-            known.add(f.name)
-            val = ns.get(f.name)
-            if val is None:
-                val = defaults.get(f.name)
-            if val is not None:
-                setattr(sec, f.name, val)
-    unknown = set(defaults) - known
-    if unknown:
-        raise ConfigError(f"--config: unknown keys {sorted(unknown)}")
+            if ns.get(f.name) is not None:
+                setattr(sec, f.name, ns[f.name])
     validate(cfg)
     return cfg
 
@@ -208,6 +221,13 @@ def validate(cfg: Config) -> None:
                       ("--num-layers", m.num_layers), ("--seq-length", m.seq_length)]:
         if val < 1:
             raise ConfigError(f"{name} must be >= 1 (got {val})")
+    if m.position_embedding_type == "rope" and head_dim(m) % 2:
+        raise ConfigError(f"RoPE rotates pairs of channels: head dim {head_dim(m)} must be even "
+                          "(set --kv-channels or --hidden-size / --num-attention-heads accordingly)")
+    if cfg.logging.log_interval < 1:
+        raise ConfigError(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
+    if t.global_batch_size is not None and t.global_batch_size < 1:
+        raise ConfigError(f"--global-batch-size must be >= 1 (got {t.global_batch_size})")
     if t.lr_warmup_iters > t.train_iters and t.train_iters > 0:
         raise ConfigError(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:

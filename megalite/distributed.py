@@ -1,12 +1,11 @@
 """Process-group start-up: the only reader of RANK / LOCAL_RANK / WORLD_SIZE.
 
 Under torchrun the env:// rendezvous is used; a plain `python pretrain.py` becomes a world of
-one with a private FileStore, so single-rank runs take the same code path as many.
+one with an in-memory store, so single-rank runs take the same code path as many.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,7 +29,10 @@ def resolve_device(cfg: Config, local_rank: int) -> torch.device:
     if want == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                              "launch at most one process per GPU (--nproc-per-node)")
+        return torch.device("cuda", local_rank)
     if want != "cpu":
         raise ConfigError(f"--device {want}: use cuda or cpu")
     return torch.device("cpu")
@@ -53,6 +55,9 @@ def init(cfg: Config) -> DistEnv:
     backend = cfg.parallel.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
+    if backend == "gloo" and device.type == "cuda":
+        raise ConfigError("--distributed-backend gloo cannot run megalite's send/recv and flat collectives on "
+                          "CUDA tensors; use nccl on GPUs (or --device cpu)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
@@ -61,8 +66,7 @@ def init(cfg: Config) -> DistEnv:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         elif world == 1:
-            store = dist.FileStore(tempfile.mktemp(prefix="megalite-store-"), 1)
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             raise ConfigError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)

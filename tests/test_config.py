@@ -33,6 +33,16 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     path.write_text(json.dumps({"num-layerz": 7}))
     with pytest.raises(ConfigError, match="unknown keys"):
         C.parse(["--config", str(path)])
+    path.write_text(json.dumps({"bf16": "false"}))
+    with pytest.raises(ConfigError, match="bf16 must be true or false"):
+        C.parse(["--config", str(path)])
+    toml = tmp_path / "c.toml"
+    toml.write_text('seq-length = "64"\nswiglu = true\nadd-bias-linear = false\n')
+    cfg = C.parse(["--config", str(toml)])
+    assert cfg.model.seq_length == 64 and cfg.model.swiglu and not cfg.model.add_bias_linear
+    toml.write_text('lr-decay-style = "cosin"\n')
+    with pytest.raises(SystemExit):  # argparse's own choice check names the flag
+        C.parse(["--config", str(toml)])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -44,6 +54,9 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     (["--save-interval", "5"], "without --save"),
     (["--use-flash-attn", "--bf16"], "flash-attn is not installed"),
     (["--use-flash-attn"], "needs --bf16"),
+    (["--kv-channels", "15"], "head dim 15 must be even"),
+    (["--log-interval", "0"], "--log-interval must be >= 1"),
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
 ])
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,3 +88,18 @@ def test_bf16_unsupported_device_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
     with pytest.raises(ConfigError, match="Tesla V100 has no bf16 support"):
         check_bf16(torch.device("cuda", 0))
+
+
+def test_gpu_launch_mistakes_are_refused(monkeypatch):
+    from megalite import distributed
+    from megalite.parallel.parallelize import validate_layout
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="local rank 1 but only 1 GPUs are visible"):
+        distributed.resolve_device(C.parse([]), 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="gloo cannot run"):
+        distributed.init(C.parse(["--distributed-backend", "gloo"]))
+    with pytest.raises(ConfigError, match="context parallel on CUDA needs --bf16"):
+        validate_layout(C.parse(["--context-parallel-size", "2"]), 1, 2)
+    validate_layout(C.parse(["--context-parallel-size", "2", "--bf16"]), 1, 2)
