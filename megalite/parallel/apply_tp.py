@@ -23,7 +23,8 @@ sums its gradient over the TP group once per backward pass, before accumulation 
 to call). Such parameters carry ``p.sequence_parallel = True``.
 
 Every weight is a slice of the dense model's weight, so a TP model built from the same seed
-equals the single-rank model. Parameters sharded over TP carry ``p.tensor_model_parallel = True``;
+equals the single-rank model. With attention dropout each TP rank's core attention draws from
+its own stream (PerRankDropoutAttention), as Megatron's model-parallel RNG does. Parameters sharded over TP carry ``p.tensor_model_parallel = True``;
 gradient clipping sums their squared norms over TP and counts all others once.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -80,6 +82,27 @@ class SequenceScatteredEmbedding(nn.Embedding):
         return scatter_to_sequence(super().forward(ids), self.group)
 
 
+class PerRankDropoutAttention(nn.Module):
+    """Core attention with a dropout stream per TP rank. Each rank holds different heads, so the
+    replicated stream (which hidden dropout needs) would repeat masks across heads. The seed is
+    drawn from the shared stream, so it is equal on all TP ranks before the offset and replayed
+    exactly when activation recompute restores the RNG state."""
+
+    def __init__(self, inner: nn.Module, tp_rank: int):
+        super().__init__()
+        self.inner, self.tp_rank = inner, tp_rank
+
+    def forward(self, q, k, v):
+        if not self.training:
+            return self.inner(q, k, v)
+        seed = int(torch.randint(0, 2**62, (1,))) + self.tp_rank
+        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if q.is_cuda:
+                torch.cuda.manual_seed(seed)
+            return self.inner(q, k, v)
+
+
 def _enter_mlp(module, args, *, group, sequence_parallel):
     """Forward pre-hook of a SwiGLU MLP: one input collective shared by gate and fc1."""
     return (enter_region(args[0], group, sequence_parallel), *args[1:])
@@ -105,6 +128,8 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
         attn.qkv, attn.proj = column(attn.qkv), row(attn.proj)
         attn.num_heads //= tp
         attn.num_kv_heads //= tp
+        if attn.core_attention.dropout > 0:
+            attn.core_attention = PerRankDropoutAttention(attn.core_attention, dist.get_rank(tp_group))
         mlp.fc2 = row(mlp.fc2)
         if mlp.gate is None:
             mlp.fc1 = column(mlp.fc1)
