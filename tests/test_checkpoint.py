@@ -130,6 +130,10 @@ def test_load_resolution(ref, tmp_path):
         checkpoint.resolve_load_dir(str(copy))
     with pytest.raises(ConfigError, match="not a complete checkpoint: rank_00002.pt is truncated"):
         checkpoint.resolve_load_dir(str(copy / "iter_0000006"))
+    aside = tmp_path / "aside"  # a re-save of iteration 6 died between its two renames
+    shutil.copytree(ck, aside)
+    os.replace(aside / "iter_0000006", aside / "iter_0000006.old")
+    assert checkpoint.resolve_load_dir(str(aside)) == str(aside / "iter_0000006.old")
     gone = tmp_path / "gone"
     gone.mkdir()
     (gone / "latest").write_text("iter_0000005\n")

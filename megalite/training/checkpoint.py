@@ -174,8 +174,11 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
     if dims.rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         for stale in os.listdir(save_dir):  # left by saves that crashed
-            if stale.startswith(".tmp_iter_") or stale.endswith(".old"):
-                shutil.rmtree(os.path.join(save_dir, stale), ignore_errors=True)
+            old = os.path.join(save_dir, stale)
+            if stale.endswith(".old") and not os.path.exists(old[:-4]):
+                os.replace(old, old[:-4])  # a re-save died between its renames: the old copy is the good one
+            elif stale.startswith(".tmp_iter_") or stale.endswith(".old"):
+                shutil.rmtree(old, ignore_errors=True)
         os.makedirs(tmp)
     entries = _entries(model, optimizer)
     digest = hashlib.sha1(repr(sorted((k, tuple(t.shape), str(t.dtype), d) for k, (t, d, _) in entries.items()))
@@ -290,6 +293,8 @@ def resolve_load_dir(path: str, log=print) -> str | None:
     skipped = []
     for name in names:
         ckpt = os.path.join(path, name)
+        if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
+            ckpt += ".old"  # set aside by a re-save of the same iteration that died before replacing it
         why = problem(ckpt) if os.path.isdir(ckpt) else "missing"
         if why is None:
             if skipped:
