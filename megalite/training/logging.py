@@ -39,7 +39,8 @@ def memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str, cfg, run_config: dict):
+    def __init__(self, log_dir: str, cfg, run_config: dict, peak: float | None = None):
+        self.peak = peak  # device peak TFLOP/s for MFU; None when unknown
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self.fh = open(self.path, "a")

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .logging import flops_per_token, memory_gib
 from .optim import clip_grad_norm, lr_at, set_lr
+from ..parallel.context_parallel import zigzag_split
 from ..parallel.parallelize import unwrap
 
 
@@ -38,7 +39,6 @@ def micro_batches(dataset, start: int, cfg, dims, device):
         samples = [dataset[i] for i in range(first, first + mb)]
         batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}  # each [mb, s]
         if dims.cp > 1:
-            from ..parallel.context_parallel import zigzag_split
             batch = {k: zigzag_split(v, 1, dims.cp, dims.cp_rank) for k, v in batch.items()}
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     logger = None
     if dims.is_logger:
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or "runs"
-        logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()})
-        logger.peak = peak_tflops(device, cfg.train.peak_tflops)
+        logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()},
+                               peak=peak_tflops(device, cfg.train.peak_tflops))
         print(f"megalite: {dims.describe()} on {device.type}; model {flops_n / 1e6:.1f}M params; "
               f"vocab {vocab}; data {prefix}; metrics -> {logger.path}"
               + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""), flush=True)
