@@ -1,0 +1,97 @@
+"""Resharding load: each rank reads the regions of the dense tensors its new layout owns."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .format import _rank_file, _reseed, _set_rng_state, partition_dims
+from .resolve import read_meta
+
+
+class _Reader:
+    """Reads regions of the checkpoint's dense tensors from the memory-mapped shard files."""
+
+    def __init__(self, ckpt_dir: str, meta: dict):
+        self.dir, self.index, self.files = ckpt_dir, meta["tensors"], {}
+
+    def file(self, name: str) -> dict:
+        if name not in self.files:
+            self.files[name] = torch.load(os.path.join(self.dir, name), map_location="cpu", mmap=True,
+                                          weights_only=True)
+        return self.files[name]
+
+    def region(self, key: str, local: torch.Size, dim: int | None, tp_rank: int) -> torch.Tensor:
+        """The block of dense tensor ``key`` that a rank holding ``local`` (split along ``dim``,
+        TP rank ``tp_rank``) owns. Rows past the real vocabulary are zeros."""
+        e = self.index[key]
+        lo = [0] * len(local)
+        if dim is not None:
+            lo[dim] = tp_rank * local[dim]
+        hi = [a + n for a, n in zip(lo, local)]
+        limit = list(e["shape"])
+        if "real" in e:
+            limit[0] = e["real"]
+        out = torch.zeros(local, dtype=getattr(torch, e["dtype"]))
+        for k, fname in enumerate(e["files"]):  # old shard k covers [src_lo, src_hi) of the dense tensor
+            src_lo, src_hi = [0] * len(limit), list(e["shape"])
+            if e["dim"] is not None:
+                n = e["shape"][e["dim"]] // len(e["files"])
+                src_lo[e["dim"]], src_hi[e["dim"]] = k * n, (k + 1) * n
+            a = [max(x, y) for x, y in zip(lo, src_lo)]
+            b = [min(x, y, z) for x, y, z in zip(hi, src_hi, limit)]
+            if any(x >= y for x, y in zip(a, b)):
+                continue
+            dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))
+            src = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, src_lo))
+            out[dst] = self.file(fname)["tensors"][key][src]
+        return out
+
+
+def _optimizer_state(reader: _Reader, model, optimizer, split: dict, tp_rank: int) -> dict:
+    """torch's optimizer ``state`` ({param index: {name: tensor}}) read for this rank's shards."""
+    keys = {}
+    for key in reader.index:
+        if key.startswith("optim/"):
+            n, _, k = key.removeprefix("optim/").rpartition("/")
+            keys.setdefault(n, []).append((key, k))
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {}
+    for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        n = names[id(p)]
+        dense = reader.index[f"model/{n}"]["shape"]
+        per_param = {}
+        for key, k in keys.get(n, []):
+            shape = reader.index[key]["shape"]
+            per_param[k] = (reader.region(key, p.shape, split.get(n), tp_rank) if shape == dense  # exp_avg, ...
+                            else reader.region(key, torch.Size(shape), None, 0))  # replicated, e.g. step
+        if per_param:
+            state[i] = per_param
+    return state
+
+
+def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
+    """Load model, optimizer and RNG into this rank's (possibly differently laid out) model.
+    Returns meta (iteration, consumed_samples). Call check_compatible first."""
+    meta = read_meta(ckpt_dir)
+    reader, split = _Reader(ckpt_dir, meta), partition_dims(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
+    optimizer.load_state_dict({"state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+    lay = meta["layout"]
+    same_layout = (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp)
+    if same_layout:
+        _set_rng_state(reader.file(_rank_file(dims.rank))["rng"])
+    else:
+        _reseed(dims.dropout_seed(cfg.train.seed + meta["iteration"]))
+    if dims.rank == 0:
+        log(f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
+            f"DP={lay['dp']})" + ("" if same_layout else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, "
+                                                         "RNG reseeded with --seed + iteration"))
+        if meta["global_batch_size"] != cfg.train.global_batch_size:
+            log(f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
+                f"checkpoint's {meta['global_batch_size']}: data continues at sample {meta['consumed_samples']}, "
+                "but the batches differ from the original run's")
+    return meta

@@ -1,0 +1,119 @@
+"""Finding the checkpoint ``--load`` resumes from, and checking it before any collective."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ...config import ConfigError
+from ...model import GPT
+from .format import _ITER, FORMAT, VOCAB_TENSORS
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    with open(os.path.join(ckpt_dir, "meta.json")) as fh:
+        return json.load(fh)
+
+
+def problem(ckpt_dir: str) -> str | None:
+    """Why ``ckpt_dir`` is not a complete checkpoint, or None when it is."""
+    try:
+        meta = read_meta(ckpt_dir)
+    except FileNotFoundError:
+        return "no meta.json (save did not finish)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable meta.json ({exc})"
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')} (this megalite reads format {FORMAT})"
+    for name, size in meta["files"].items():
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} is truncated ({os.path.getsize(path)} of {size} bytes)"
+    return None
+
+
+def list_checkpoints(save_dir: str) -> list[str]:
+    """iter_* directory names, newest first."""
+    names = [n for n in os.listdir(save_dir) if _ITER.match(n) and os.path.isdir(os.path.join(save_dir, n))]
+    return sorted(names, key=lambda n: -int(_ITER.match(n).group(1)))
+
+
+def read_latest(save_dir: str) -> str | None:
+    try:
+        with open(os.path.join(save_dir, "latest")) as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def resolve_load_dir(path: str, log=print) -> str | None:
+    """The checkpoint ``--load path`` resumes from, or None for a fresh start.
+
+    - ``path`` missing: ConfigError (create the directory to start a run that later resumes).
+    - ``path`` is a checkpoint (has meta.json): it, if complete.
+    - otherwise the checkpoint ``latest`` names if complete, else the newest complete
+      ``iter_*`` (a warning names each one skipped and why);
+    - no ``iter_*`` and no ``latest`` (an empty dir, or only logs and unfinished saves):
+      None, with a log line;
+    - ``iter_*`` or ``latest`` present but nothing complete: ConfigError listing each problem.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f"--load {path}: no such directory (to start a run that resumes from its own "
+                          f"checkpoints, create it first: mkdir -p {path})")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        why = problem(path)
+        if why:
+            raise ConfigError(f"--load {path}: not a complete checkpoint: {why}")
+        return path
+    names, latest = list_checkpoints(path), read_latest(path)
+    if latest is not None:
+        if latest not in names:
+            names.insert(0, latest)
+        else:
+            names.insert(0, names.pop(names.index(latest)))
+    if not names:
+        log(f"megalite: --load {path} holds no checkpoint yet; starting from iteration 0")
+        return None
+    skipped = []
+    for name in names:
+        ckpt = os.path.join(path, name)
+        if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
+            ckpt += ".old"  # set aside by a re-save of the same iteration that died before replacing it
+        why = problem(ckpt) if os.path.isdir(ckpt) else "missing"
+        if why is None:
+            if skipped:
+                log(f"megalite: warning: skipped incomplete checkpoints ({'; '.join(skipped)}); "
+                    f"resuming from {name}")
+            return ckpt
+        skipped.append(f"{name}: {why}" + (" ('latest' names it; missing or incomplete)" if name == latest else ""))
+    raise ConfigError(f"--load {path}: no complete checkpoint ({'; '.join(skipped)}); remove the broken "
+                      "directories to start fresh, or point --load at a good checkpoint")
+
+
+def _few(items: list[str], sep: str = ", ") -> str:
+    return sep.join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+
+def check_compatible(meta: dict, cfg, vocab_size: int, ckpt_dir: str) -> None:
+    """Fail before any collective when the checkpoint's tensors do not fit this model: names the
+    first mismatching tensors (compared as dense shapes with the real vocabulary rows)."""
+    with torch.device("meta"):
+        dense = GPT(cfg.model, vocab_size)
+    want = {n: [vocab_size, *p.shape[1:]] if n in VOCAB_TENSORS else list(p.shape)
+            for n, p in dense.named_parameters()}
+    have = {k.removeprefix("model/"): [e["real"], *e["shape"][1:]] if "real" in e else e["shape"]
+            for k, e in meta["tensors"].items() if k.startswith("model/")}
+    missing, extra = [n for n in want if n not in have], [n for n in have if n not in want]
+    wrong = [f"{n} is {have[n]} in the checkpoint but {want[n]} in this model"
+             for n in want if n in have and have[n] != want[n]]
+    issues = ([f"tensors missing from the checkpoint: {_few(missing)}"] if missing else []) + \
+             ([f"tensors not in this model: {_few(extra)}"] if extra else []) + \
+             ([f"tensor {_few(wrong, '; ')}"] if wrong else [])
+    if issues:
+        diff = {k: (v, getattr(cfg.model, k)) for k, v in meta["model"].items()
+                if hasattr(cfg.model, k) and getattr(cfg.model, k) != v}
+        raise ConfigError(f"{ckpt_dir} holds a different model: {'; '.join(issues)}; "
+                          f"model flags differing (checkpoint, this run): {diff}")
