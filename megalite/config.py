@@ -210,11 +210,11 @@ def validate(cfg: Config) -> None:
     if m.use_flash_attn:
         if not t.bf16:
             raise ConfigError("--use-flash-attn needs --bf16: flash-attn kernels run in fp16/bf16 only")
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
+        from .ops import attention  # imported here: torch is not needed to parse flags
+
+        if not attention.flash_attn_available():
             raise ConfigError("--use-flash-attn given but flash-attn is not installed; "
-                              "pip install flash-attn, or drop the flag to use torch kernels") from None
+                              "pip install flash-attn, or drop the flag to use torch kernels")
     tp = p.tensor_parallel_size
     for name, val in [("--tensor-parallel-size", tp), ("--context-parallel-size", p.context_parallel_size),
                       ("--micro-batch-size", t.micro_batch_size), ("--train-iters", t.train_iters),

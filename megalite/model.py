@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, ffn_hidden_size, head_dim, num_query_groups, padded_vocab_size
-from .ops.attention import flash_attn_available
+from .ops.attention import causal_attention
 from .ops.norm import build_norm
 
 
@@ -36,9 +36,7 @@ def apply_rope(x, cos, sin):
 
 class CoreAttention(nn.Module):
     """Causal softmax attention over the local sequence: (b, s, h, d) -> (b, s, h, d).
-
-    flash-attn when it is installed and the inputs are CUDA fp16/bf16 (always with
-    --use-flash-attn), torch's scaled_dot_product_attention otherwise."""
+    The kernel is chosen by megalite.ops.attention.choose_backend (--use-flash-attn forces flash-attn)."""
 
     def __init__(self, dropout: float = 0.0, use_flash_attn: bool = False):
         super().__init__()
@@ -46,14 +44,7 @@ class CoreAttention(nn.Module):
 
     def forward(self, q, k, v):
         p = self.dropout if self.training else 0.0
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        if self.use_flash_attn or (q.is_cuda and half and flash_attn_available()):
-            from flash_attn import flash_attn_func  # (b, s, h, d) layout and GQA, as here
-            return flash_attn_func(q, k, v, dropout_p=p, causal=True)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2)
+        return causal_attention(q, k, v, dropout_p=p, require_flash_attn=self.use_flash_attn)
 
 
 class Attention(nn.Module):

@@ -6,6 +6,7 @@ import torch
 from megalite import config as C
 from megalite.config import ConfigError
 from megalite.distributed import check_bf16
+from megalite.ops import attention
 from megalite.training.checkpoint import resolve_load_dir
 from megalite.training.main import validate_world
 
@@ -52,7 +53,6 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     (["--hidden-size", "100", "--num-attention-heads", "3"], "set --kv-channels"),
     (["--seq-length", "512", "--max-position-embeddings", "256"], "exceeds --max-position-embeddings"),
     (["--save-interval", "5"], "without --save"),
-    (["--use-flash-attn", "--bf16"], "flash-attn is not installed"),
     (["--use-flash-attn"], "needs --bf16"),
     (["--kv-channels", "15"], "head dim 15 must be even"),
     (["--log-interval", "0"], "--log-interval must be >= 1"),
@@ -61,6 +61,27 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ConfigError, match=message):
         C.parse(argv)
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_use_flash_attn_needs_the_package(monkeypatch, installed):
+    """Both answers of the availability probe, whatever this machine has installed."""
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: installed)
+    if installed:
+        assert C.parse(["--use-flash-attn", "--bf16"]).model.use_flash_attn
+    else:
+        with pytest.raises(ConfigError, match="flash-attn is not installed"):
+            C.parse(["--use-flash-attn", "--bf16"])
+
+
+def test_use_flash_attn_on_cpu_is_refused_before_any_collective(monkeypatch):
+    from megalite.parallel.parallelize import validate_layout
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["--device", "cpu"], []):  # explicit, and the default on a machine without CUDA
+        cfg = C.parse(["--use-flash-attn", "--bf16", *argv])
+        with pytest.raises(ConfigError, match="--use-flash-attn needs a CUDA device"):
+            validate_layout(cfg, 1, 1)
 
 
 def test_world_and_batch_checks():

@@ -1,6 +1,8 @@
-"""Block attention backends: one (q block, kv block) attention returning (out, lse), and its backward.
+"""Attention kernels and the one function that picks them (``choose_backend``).
 
-Context-parallel attention is built from such blocks, merged through their log-sum-exp.
+Two kinds of callers: the model's whole-sequence causal attention (``causal_attention``, no
+log-sum-exp needed), and context-parallel attention, built from blocks (one (q block, kv block)
+attention returning (out, lse), and its backward) merged through their log-sum-exp.
 
 Layout (all backends):
   q (B, Sq, H, D); k, v (B, Sk, G, D) with H % G == 0 (GQA: q head h reads kv head h // (H/G));
@@ -12,7 +14,7 @@ fully masked (the CPU kernel would report lse = 0 for such a row instead of -inf
 every block of the row was merged). Then P = exp(q k^T * scale - lse) is the row's true
 probability restricted to this block, and the per-block gradients add up to the exact gradient.
 
-Backends:
+Block backends:
   flash_attn  flash-attn's kernels (CUDA, fp16/bf16), used when the package is installed;
   torch_cuda  torch's bundled flash kernel (CUDA, fp16/bf16, head_dim % 8 == 0, <= 256);
   torch_cpu   torch's CPU flash kernel (fp32, bf16, fp64); GQA natively where the kernel has it;
@@ -26,12 +28,20 @@ import importlib.util
 import inspect
 
 import torch
+import torch.nn.functional as F
 
 aten = torch.ops.aten
+HALF = (torch.float16, torch.bfloat16)
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs, log-sum-exps and gradient sums accumulate in fp32 (fp64 for fp64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fused_kernel_fits(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether torch's CUDA flash kernel takes these inputs: fp16/bf16, head dim a multiple of 8, <= 256."""
+    return dtype in HALF and head_dim % 8 == 0 and head_dim <= 256
 
 
 def _check(q, k, causal):
@@ -56,7 +66,7 @@ class MathBackend:
     def _probs(q, k, lse, causal, scale):
         b, sq, h, d = q.shape
         g = k.shape[2]
-        acc = _acc_dtype(q)
+        acc = accumulator_dtype(q.dtype)
         qg = q.to(acc).view(b, sq, g, h // g, d)  # (B, Sq, G, H/G, D)
         s = torch.einsum("bqgrd,bkgd->bgrqk", qg, k.to(acc)) * scale  # (B, G, H/G, Sq, Sk)
         if causal:
@@ -191,22 +201,42 @@ _BACKENDS = {"math": MathBackend, "torch_cpu": TorchCPUBackend, "torch_cuda": To
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
+    """The one probe for the optional flash-attn package (tests replace it to cover both answers)."""
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, *,
+                   require_flash_attn: bool = False, need_lse: bool = True) -> str:
+    """The one decision of which kernel computes attention.
+
+    ``require_flash_attn`` (--use-flash-attn): always flash-attn; config validation has already
+    refused the flag where flash-attn cannot run. Otherwise flash-attn when it is installed and
+    the inputs are CUDA fp16/bf16, and else, by ``need_lse`` (context-parallel blocks merge
+    through their log-sum-exp, so they need kernels that return it):
+      need_lse=False  "sdpa": torch's scaled_dot_product_attention, which picks its own kernel;
+      need_lse=True   "torch_cpu" on CPU; on CUDA "torch_cuda" where ``fused_kernel_fits``,
+                      else "math" (fp32 scores of the whole block).
+    """
+    device = torch.device(device)
+    if require_flash_attn:
+        return "flash_attn"
+    # The probe only runs for CUDA half inputs: elsewhere the answer cannot change the choice.
+    if device.type == "cuda" and dtype in HALF and flash_attn_available():
+        return "flash_attn"
+    if not need_lse:
+        return "sdpa"
+    if device.type != "cuda":
+        return "torch_cpu"
+    return "torch_cuda" if fused_kernel_fits(dtype, head_dim) else "math"
 
 
 def get_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 head_dim: int = 64):
-    """A backend by name; "auto" picks the fastest one that supports (device, dtype, head_dim):
-    flash_attn > torch_cuda > math on CUDA, torch_cpu on CPU."""
+    """A block backend by name; "auto" asks ``choose_backend``."""
     device = torch.device(device)
-    half = dtype in (torch.float16, torch.bfloat16)
+    half = dtype in HALF
     if name == "auto":
-        if device.type != "cuda":
-            name = "torch_cpu"
-        elif half and flash_attn_available():
-            name = "flash_attn"
-        else:
-            name = "torch_cuda" if half and head_dim % 8 == 0 and head_dim <= 256 else "math"
+        name = choose_backend(device, dtype, head_dim)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose auto or one of {sorted(_BACKENDS)}")
     if name == "flash_attn" and not flash_attn_available():
@@ -239,3 +269,16 @@ def block_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
         backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _BlockAttention.apply(q, k, v, causal, scale, backend)
+
+
+def causal_attention(q, k, v, *, dropout_p: float = 0.0, require_flash_attn: bool = False):
+    """Causal attention over a whole (local) sequence, the model's core attention:
+    q (B, S, H, D), k/v (B, S, G, D) with H % G == 0 -> (B, S, H, D)."""
+    if choose_backend(q.device, q.dtype, q.shape[-1], require_flash_attn=require_flash_attn,
+                      need_lse=False) == "flash_attn":
+        from flash_attn import flash_attn_func  # (B, S, H, D) layout and GQA, as here
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+    q, k, v = _bhsd(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)

@@ -14,19 +14,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config, ConfigError, head_dim
+from ..ops.attention import fused_kernel_fits
 from .apply_cp import apply_cp, validate_cp
 from .apply_tp import apply_tp, validate_tp
 from .dims import ParallelDims
 
 
 def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
-    """Model/layout compatibility, checked before any collective."""
+    """Model/layout/device compatibility, checked before any collective."""
+    on_cuda = (cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if cfg.model.use_flash_attn and not on_cuda:
+        raise ConfigError("--use-flash-attn needs a CUDA device (flash-attn has no CPU kernels); "
+                          "drop the flag to run torch's CPU attention kernels")
     validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel, cp=dims_cp)
     if dims_cp > 1:
         validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp)
-        on_cuda = (cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         d = head_dim(cfg.model)
-        if on_cuda and not (cfg.train.bf16 and d % 8 == 0 and d <= 256):
+        if on_cuda and not fused_kernel_fits(torch.bfloat16 if cfg.train.bf16 else torch.float32, d):
             # fp32 (or odd head dims) would fall back to the math block attention, which holds
             # every block's full score matrix: exactly what long-context training cannot afford.
             raise ConfigError("context parallel on CUDA needs --bf16 and a head dim that is a multiple of 8 "
