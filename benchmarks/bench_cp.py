@@ -34,12 +34,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import megalite.parallel.cp_variants as cp_variants
+import megalite.parallel.all_gather_attention as all_gather_attention
 from megalite.config import ModelConfig
 from megalite.model import GPT, rope_tables
 from megalite.ops.attention import get_backend
 from megalite.parallel.apply_cp import CP_ATTENTION, apply_cp
-from megalite.parallel.context_parallel import zigzag_positions, zigzag_split
+from megalite.parallel.zigzag import zigzag_positions, zigzag_split
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -92,8 +92,8 @@ class ByteCounter:
         self._wrap(dist, "batch_isend_irecv", lambda ops: sum(
             o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend))
         self._wrap(dist, "all_to_all_single", lambda out, inp, group=None, **_: ring(inp, group))
-        self._wrap(cp_variants, "all_gather_flat", lambda out, inp, group=None: ring(out, group))
-        self._wrap(cp_variants, "reduce_scatter_flat", lambda out, inp, group=None: ring(inp, group))
+        self._wrap(all_gather_attention, "all_gather_flat", lambda out, inp, group=None: ring(out, group))
+        self._wrap(all_gather_attention, "reduce_scatter_flat", lambda out, inp, group=None: ring(inp, group))
         return self
 
     def __exit__(self, *exc):

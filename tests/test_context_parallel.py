@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from megalite.config import ConfigError, ModelConfig
 from megalite.parallel.apply_cp import CP_ATTENTION, ContextParallelAttention, validate_cp
-from megalite.parallel.context_parallel import zigzag_merge, zigzag_positions, zigzag_split
+from megalite.parallel.zigzag import zigzag_merge, zigzag_positions, zigzag_split
 from multiproc import run_ranks
 from test_ring_attention import TOL, make_inputs, reference
 
@@ -94,3 +94,9 @@ def _variants_agree(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_comm_types_match_full_attention(tmp_path, world):
     run_ranks(_variants_agree, world, tmp_path)
+
+
+def test_readme_import_path_still_works():
+    from megalite.parallel import context_parallel, zigzag
+    assert context_parallel.zigzag_split is zigzag.zigzag_split
+    assert context_parallel.zigzag_merge is zigzag.zigzag_merge

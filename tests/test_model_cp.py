@@ -18,7 +18,7 @@ from megalite.config import ParallelConfig
 from megalite.model import GPT
 from megalite.parallel.apply_cp import apply_cp
 from megalite.parallel.apply_tp import apply_tp
-from megalite.parallel.context_parallel import zigzag_split
+from megalite.parallel.zigzag import zigzag_split
 from megalite.parallel.dims import ParallelDims
 from multiproc import run_ranks
 from test_model_tp import VARIANTS, VOCAB, _batches, _cfg, _gather

@@ -10,8 +10,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalite.ops.attention import block_attention, get_backend
-from megalite.parallel.context_parallel import zigzag_split
-from megalite.parallel.ring_attention import merge_partial, ring_attention
+from megalite.parallel.zigzag import zigzag_split
+from megalite.parallel.cp_blocks import merge_partial
+from megalite.parallel.ring_attention import ring_attention
 from multiproc import run_ranks
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),

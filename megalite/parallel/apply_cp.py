@@ -12,8 +12,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, num_query_groups
-from .cp_variants import all_gather_attention, ulysses_attention
+from .all_gather_attention import all_gather_attention
 from .ring_attention import ring_attention
+from .ulysses_attention import ulysses_attention
 
 CP_ATTENTION = {"p2p": ring_attention, "all_gather": all_gather_attention, "a2a": ulysses_attention}
 

@@ -1,6 +1,6 @@
 """Zigzag ring attention: exact causal attention over a sequence sharded across a CP group.
 
-Each CP rank holds its zigzag pair of chunks (see context_parallel.py): local sequence
+Each CP rank holds its zigzag pair of chunks (see zigzag.py): local sequence
 [chunk r | chunk 2*CP-1-r], 2c tokens. K/V blocks travel around the ring (rank r sends to r+1,
 receives from r-1) with ``batch_isend_irecv``; the next hop is posted before the current block is
 computed, so communication hides behind attention. Only the KV heads travel (GQA is never
@@ -13,8 +13,7 @@ Forward, ring step i on rank r holds the K/V pair of rank s = r - i (mod CP):
   s > r   neither incoming chunk precedes local chunk r; both precede local chunk 2*CP-1-r:
           the second half (c queries) attends to the whole block (2c keys).
 So every step after the first computes exactly one half block (c x 2c): the load balance.
-Partial outputs merge through their log-sum-exp in fp32 (fp64 for fp64 inputs):
-  lse' = logaddexp(lse, lse_b),  out' = out - sigmoid(lse_b - lse) * (out - out_b).
+Partial outputs merge through their log-sum-exp in fp32 (cp_blocks.merge_partial).
 
 Backward: K/V circulate again. dK/dV of the block held at step i >= 1 rides a second ring
 one step behind: rank r adds its part to the partial sum received from r-1 (which held the
@@ -29,9 +28,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from ..ops.attention import get_backend
+from ..ops.attention import accumulator_dtype
+from .cp_blocks import load_block_state, merge_partial, resolve_call, save_block_state
 
 
 def ring_peers(group) -> tuple[int, int]:
@@ -48,29 +47,6 @@ def exchange(sends, recvs, peers, group):
     ops = [dist.P2POp(dist.isend, t, nxt, group, tag) for tag, t in enumerate(sends)]
     ops += [dist.P2POp(dist.irecv, t, prev, group, tag) for tag, t in enumerate(recvs)]
     return dist.batch_isend_irecv(ops) if ops else []
-
-
-def merge_partial(out, lse, block_out, block_lse):
-    """Fold one block's (out, lse) into the accumulators, in place. out (B, S, H, D) and
-    lse (B, H, S) are fp32/fp64 (views allowed); block_out any dtype, block_lse (B, H, S)."""
-    block_lse = block_lse.to(lse.dtype)
-    weight = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, S, H, 1)
-    out.sub_(weight * (out - block_out.to(out.dtype)))
-    lse.sub_(F.logsigmoid(lse - block_lse))
-
-
-def save_block_state(ctx, q, k, v, out, lse, args):
-    """Forward bookkeeping shared by the CP attentions: keep the inputs, the merged output (in
-    q's dtype, returned) and its fp32 lse for the backward, which recomputes block by block."""
-    out = out.to(q.dtype)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = args
-    return out
-
-
-def load_block_state(ctx):
-    """(q, k, v, out, lse, *args) as saved by ``save_block_state``."""
-    return (*ctx.saved_tensors, *ctx.args)
 
 
 def _step_slices(step: int, rank: int, causal: bool, half: int):
@@ -96,7 +72,7 @@ class _RingAttention(torch.autograd.Function):
             qs, ks = _step_slices(step, rank, causal, half)
             block_out, block_lse = backend.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal and step == 0, scale)
             if step == 0:  # step 0 covers every local query
-                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                acc = accumulator_dtype(q.dtype)
                 out, lse = block_out.to(acc), block_lse.to(acc).contiguous()
             else:
                 merge_partial(out[:, qs], lse[:, :, qs], block_out, block_lse)
@@ -143,20 +119,6 @@ class _RingAttention(torch.autograd.Function):
                 req.wait()
             own += arrived
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None
-
-
-def resolve_call(q, k, v, group, causal, softmax_scale, backend):
-    """Shape checks shared by the context-parallel attentions; returns (scale, backend object)."""
-    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"context-parallel attention expects q (B, S, H, D) and k, v (B, S, G, D); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
-    if causal and dist.get_world_size(group) > 1 and q.shape[1] % 2:
-        raise ValueError(f"local sequence length {q.shape[1]} is odd; a zigzag pair has two equal chunks")
-    if isinstance(backend, str):
-        backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
-    return (softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5), backend
 
 
 def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,

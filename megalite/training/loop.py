@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .logging import flops_per_token, memory_gib
 from .optim import clip_grad_norm, lr_at, set_lr
-from ..parallel.context_parallel import zigzag_split
+from ..parallel.zigzag import zigzag_split
 from ..parallel.parallelize import unwrap
 
 

@@ -1,0 +1,67 @@
+"""Ulysses context-parallel attention, ``--cp-comm-type a2a``. Same contract as
+``ring_attention``: q (B, s, H, D), k/v (B, s, G, D) hold this rank's zigzag pair; the result
+(B, s, H, D) equals exact attention over the whole sequence.
+
+An all-to-all trades the sequence split for a head split: each rank gets the whole sequence for
+H/CP query heads and G/CP KV heads, runs ordinary causal attention, and a second all-to-all
+trades back. Needs H and G divisible by CP.
+
+forward: all-to-all q/k/v (one message), all-to-all out / backward: the same, reversed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops.attention import block_attention
+from .cp_blocks import resolve_call
+from .zigzag import zigzag_merge, zigzag_split
+
+
+class _AllToAll(torch.autograd.Function):
+    """to_heads: (B, s, CP*m, D) -> (B, CP*s, m, D), the gathered sequence in rank order;
+    otherwise the inverse. forward: all-to-all / backward: the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group, to_heads):
+        ctx.args = (group, to_heads)
+        return _all_to_all(x, group, to_heads)
+
+    @staticmethod
+    def backward(ctx, g):
+        group, to_heads = ctx.args
+        return _all_to_all(g, group, not to_heads), None, None
+
+
+def _all_to_all(x, group, to_heads):
+    cp = dist.get_world_size(group)
+    b, s, n, d = x.shape
+    if to_heads:  # piece j: my sequence, head group j
+        send = x.view(b, s, cp, n // cp, d).permute(2, 0, 1, 3, 4)
+    else:  # piece j: sequence part j, my heads
+        send = x.view(b, cp, s // cp, n, d).transpose(0, 1)
+    send = send.contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    if to_heads:  # recv[j]: rank j's sequence, my heads
+        return recv.transpose(0, 1).reshape(b, cp * s, n // cp, d)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s // cp, cp * n, d)  # recv[j]: my sequence, rank j's heads
+
+
+def ulysses_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,
+                      backend="auto"):
+    """Ulysses (all-to-all) context-parallel attention; H and G must be divisible by CP."""
+    scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
+    cp = dist.get_world_size(group)
+    b, s, h, d = q.shape
+    g = k.shape[2]
+    if h % cp or g % cp:
+        raise ValueError(f"--cp-comm-type a2a needs query heads ({h}) and kv heads ({g}) divisible by "
+                         f"the context-parallel size {cp}; use p2p or all_gather")
+    # One message: for each destination rank, its q heads then its k and v heads.
+    qkv = torch.cat([t.reshape(b, s, cp, -1, d) for t in (q, k, v)], dim=3).flatten(2, 3)
+    qkv = zigzag_merge(_AllToAll.apply(qkv, group, True), 1, cp)  # (B, S, (H + 2G)/CP, D), natural order
+    qh, kh, vh = qkv.split([h // cp, g // cp, g // cp], dim=2)
+    out = block_attention(qh, kh, vh, causal=causal, softmax_scale=scale, backend=backend)
+    out = torch.cat([zigzag_split(out, 1, cp, j) for j in range(cp)], dim=1)  # rank order
+    return _AllToAll.apply(out, group, False)
