@@ -2,8 +2,27 @@
 
 Layout: activations between blocks are [seq, batch, hidden] (Megatron's), so sequence-parallel
 scatter/gather works on the contiguous first dim. The attention core sees
-(batch, seq, heads, head_dim). Parallelism never appears here: megalite.parallel swaps modules
-(linear layers, embedding, core_attention, loss_fn) from outside.
+(batch, seq, heads, head_dim).
+
+Parallelism never appears here; megalite.parallel applies it from outside, through these seams
+and no others (each replacement keeps the call signature of what it replaces):
+
+- ``embedding.word``, ``embedding.position``: modules mapping ids [s, b] to [s, b, h] (or this
+  rank's sequence shard of it);
+- each block's ``attention.qkv``, ``attention.proj``, ``mlp.fc1``, ``mlp.gate``, ``mlp.fc2`` and
+  ``output_layer``: linear-like modules, which may hold only part of the output (or input)
+  features; a forward pre-hook may be registered on ``mlp``. Attention reads its local head
+  count from the qkv output (viewed with -1), so sharding whole query groups needs no edit;
+- each block's ``attention.core_attention``: any module (b, s, h, d) x3 -> (b, s, h, d);
+- ``loss_fn(logits [s, b, V_local], labels [s, b]) -> [s, b]``;
+- ``vocab_start``: the global vocabulary id of this rank's first logit column (0 unless the
+  output layer is split over the vocabulary);
+- ``pad_vocab_to(multiple)``, called before sharding the vocabulary;
+- parameter attributes: parallel code may tag parameters (``tp_split_dim``,
+  ``sequence_parallel``) and register gradient hooks on them.
+
+``VOCAB_PARAMETERS`` names the parameters whose dim 0 is the padded vocabulary: init draws only
+their real rows and checkpoints store only those.
 """
 from __future__ import annotations
 
@@ -50,26 +69,26 @@ class CoreAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = num_query_groups(cfg)
-        self.head_dim = head_dim(cfg)
+        heads, groups = cfg.num_attention_heads, num_query_groups(cfg)
+        self.heads_per_group, self.head_dim = heads // groups, head_dim(cfg)
         self.selective_recompute = cfg.recompute_granularity == "selective"
         # Rows grouped per query group: [q heads of g0, k0, v0 | q heads of g1, k1, v1 | ...],
         # so a contiguous row block (one TP rank's) holds whole groups.
-        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        qkv_out = (heads + 2 * groups) * self.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear)
-        self.proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
+        self.proj = nn.Linear(heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
         self.core_attention = CoreAttention(cfg.attention_dropout, cfg.use_flash_attn)
 
     def forward(self, x, rope):
         qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP
         s, b = qkv.shape[:2]
-        groups, per_group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        per_group, d = self.heads_per_group, self.head_dim
         # One cheap copy to batch-major memory: attention kernels stream along the sequence, and a
         # [s, b]-major stride makes them markedly slower. split (not slicing) keeps the backward one cat.
-        qkv = qkv.transpose(0, 1).contiguous().view(b, s, groups, per_group + 2, d)
+        # -1 = the query groups this module holds: all of them, or a TP rank's share.
+        qkv = qkv.transpose(0, 1).contiguous().view(b, s, -1, per_group + 2, d)
         q, k, v = qkv.split([per_group, 1, 1], dim=3)
-        q = q.reshape(b, s, groups * per_group, d)  # (b, s, heads, d)
+        q = q.reshape(b, s, -1, d)  # (b, s, heads, d)
         k, v = k.squeeze(3), v.squeeze(3)  # (b, s, groups, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -77,7 +96,7 @@ class Attention(nn.Module):
             out = checkpoint(self.core_attention, q, k, v.contiguous(), use_reentrant=False)
         else:
             out = self.core_attention(q, k, v.contiguous())
-        out = out.transpose(0, 1).reshape(s, b, self.num_heads * d)  # back to [s, b, heads * d]
+        out = out.transpose(0, 1).reshape(s, b, -1)  # back to [s, b, heads * d]
         return self.proj(out)
 
 
@@ -133,6 +152,8 @@ def vocab_cross_entropy(logits, labels):
 
 
 class GPT(nn.Module):
+    VOCAB_PARAMETERS = ("embedding.word.weight", "output_layer.weight")  # dim 0 = padded vocabulary
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int = 1234):
         super().__init__()
         self.cfg = cfg
@@ -146,6 +167,7 @@ class GPT(nn.Module):
         if not cfg.untie_embeddings_and_output_weights:
             self.output_layer.weight = self.embedding.word.weight
         self.loss_fn = vocab_cross_entropy
+        self.vocab_start = 0
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -161,8 +183,7 @@ class GPT(nn.Module):
                 p.fill_(1.0)
             else:
                 scale = out_std if name.endswith(("proj.weight", "fc2.weight")) else std
-                vocab_rows = name in ("embedding.word.weight", "output_layer.weight")
-                rows = self.vocab_size if vocab_rows else p.shape[0]
+                rows = self.vocab_size if name in self.VOCAB_PARAMETERS else p.shape[0]
                 p.zero_()  # padded vocabulary rows stay zero, so any padding draws the same weights
                 p[:rows] = torch.randn((rows, *p.shape[1:]), generator=gen) * scale
 
@@ -190,13 +211,12 @@ class GPT(nn.Module):
         """Padded vocabulary columns are never predicted."""
         if self.padded_vocab_size == self.vocab_size:
             return logits
-        start = getattr(self.output_layer, "vocab_start", 0)
-        cols = torch.arange(start, start + logits.shape[-1], device=logits.device)
+        cols = torch.arange(self.vocab_start, self.vocab_start + logits.shape[-1], device=logits.device)
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
 
     def forward(self, tokens, position_ids, labels=None):
         """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits
-        [b, s, V_local]: under TP this rank's vocabulary shard, from column output_layer.vocab_start."""
+        [b, s, V_local]: under TP this rank's vocabulary shard, from column vocab_start."""
         x = self.embedding(tokens, position_ids)
         rope = None  # cos/sin tables, computed once per forward and shared by all layers
         if self.cfg.position_embedding_type == "rope":

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megalite.config import ConfigError, ModelConfig
+from megalite.config import ConfigError, ModelConfig, num_query_groups
 from megalite.model import GPT
 from megalite.parallel.apply_tp import apply_tp, validate_tp
 from megalite.parallel.comm import CommCounter
+from megalite.parallel.tensor_parallel import split_dim
 from multiproc import run_ranks
 
 VOCAB = 37  # prime: padded to 40 dense, 48 at TP=2, 64 at TP=4 (with divisible-by 8)
@@ -75,12 +76,17 @@ def _check_one(kw, group, sp):
     want = _train_grads(dense, batches)
 
     model = apply_tp(GPT(cfg, VOCAB, seed=11), group, sp)
-    seen = []  # the norm must run on the rank's sequence shard under SP
-    hook = model.layers[0].input_norm.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    got = _train_grads(model, batches)
-    hook.remove()
-    assert set(seen) == {SEQ // tp if sp else SEQ}
     tag = f"tp={tp} sp={sp} {kw}"
+    seen, heads = [], []  # the norm must run on the rank's sequence shard under SP
+    hooks = [model.layers[0].input_norm.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])),
+             model.layers[0].attention.core_attention.register_forward_hook(
+                 lambda m, args, out: heads.append((args[0].shape[2], args[1].shape[2])))]
+    got = _train_grads(model, batches)
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == {SEQ // tp if sp else SEQ}
+    # Each rank attends over its share of the query heads and KV heads.
+    assert set(heads) == {(cfg.num_attention_heads // tp, num_query_groups(cfg) // tp)}, tag
     for g, w in zip(got, want):
         assert_close(g, w, msg=tag)
 
@@ -93,7 +99,7 @@ def _check_one(kw, group, sp):
         rows = ref.shape[0]  # vocab-padded tensors: TP pads further; extra rows must stay zero
         assert_close(full[:rows], ref.grad, msg=f"{tag} {name}")
         assert not full[rows:].any(), f"{tag} {name}"
-        if getattr(p, "tensor_model_parallel", False):
+        if split_dim(p) is not None:
             norm_sq_sharded += p.grad.pow(2).sum()
         else:
             norm_sq_replicated += p.grad.pow(2).sum()
@@ -107,7 +113,6 @@ def _check_one(kw, group, sp):
         assert model.output_layer.weight is not model.embedding.word.weight
     else:
         assert model.output_layer.weight is model.embedding.word.weight
-    assert model.layers[0].attention.num_heads == cfg.num_attention_heads // tp
 
     # One input and one output collective per MLP, also when SwiGLU's gate and fc1 share the input.
     x = torch.randn(SEQ // tp if sp else SEQ, BATCH, cfg.hidden_size, requires_grad=True)

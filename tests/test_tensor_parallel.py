@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from megalite.parallel.comm import CommCounter
 from megalite.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                               vocab_parallel_cross_entropy)
+                                               split_dim, vocab_parallel_cross_entropy)
 from multiproc import run_ranks
 
 B, H_IN, H_OUT, V = 2, 5, 7, 12  # odd sizes; the sharded dims are multiples of 2 and 4 (12, 4p)
@@ -58,7 +58,7 @@ def _check_column(rank, p, group):
         assert_close(x.grad, _piece(dx_ref, p, rank, 0) if sp else dx_ref, msg=tag)
         assert_close(layer.weight.grad, _piece(dense.weight.grad, p, rank, 0), msg=tag)
         assert_close(layer.bias.grad, _piece(dense.bias.grad, p, rank, 0), msg=tag)
-        assert layer.weight.tensor_model_parallel and layer.bias.tensor_model_parallel
+        assert split_dim(layer.weight) == 0 and split_dim(layer.bias) == 0
 
 
 def _check_row(rank, p, group):
@@ -76,8 +76,8 @@ def _check_row(rank, p, group):
         assert_close(x.grad, _piece(dx_ref, p, rank, -1) if input_is_parallel else dx_ref, msg=tag)
         assert_close(layer.weight.grad, _piece(dense.weight.grad, p, rank, 1), msg=tag)
         assert_close(layer.bias.grad, dense.bias.grad, msg=tag)  # under SP: summed by the hook
-        assert layer.weight.tensor_model_parallel
-        assert not getattr(layer.bias, "tensor_model_parallel", False)
+        assert split_dim(layer.weight) == 1
+        assert split_dim(layer.bias) is None
         assert getattr(layer.bias, "sequence_parallel", False) == sp
 
 
@@ -97,7 +97,7 @@ def _check_embedding(rank, p, group):
         (y * (_piece(g_full, p, rank, 0) if sp else g_full)).sum().backward()
         assert_close(y, _piece(y_ref, p, rank, 0) if sp else y_ref.detach(), msg=f"embedding sp={sp}")
         assert_close(layer.weight.grad, _piece(dense.weight.grad, p, rank, 0), msg=f"embedding sp={sp}")
-        assert layer.weight.tensor_model_parallel
+        assert split_dim(layer.weight) == 0
 
 
 def _check_cross_entropy(rank, p, group):

@@ -9,9 +9,6 @@ Kernels (``impl``, the --norm-impl flag):
 - ``apex``: NVIDIA apex's fused LayerNorm / RMSNorm; an error when apex is not installed.
 - ``auto``: Triton for CUDA inputs when triton imports and the hidden size fits, torch otherwise.
   Chosen per call from the input's device, since models are built on CPU and moved later.
-
-Norm parameters carry ``p.norm_param = True``: they are replicated over tensor parallel ranks
-(under sequence parallel their gradients must be summed over TP by the caller).
 """
 from __future__ import annotations
 
@@ -106,8 +103,6 @@ class Norm(nn.Module):
         self.kind, self.hidden, self.eps, self.impl = kind, hidden, eps, impl
         self.weight = nn.Parameter(torch.ones(hidden))
         self.bias = nn.Parameter(torch.zeros(hidden)) if kind == "LayerNorm" else None
-        for p in self.parameters():
-            p.norm_param = True
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.hidden}, eps={self.eps}, impl={self.impl}"

@@ -4,13 +4,16 @@ What changes on each rank of a TP group of size p (Megatron-LM's layout):
 
 - ``embedding.word`` -> VocabParallelEmbedding (vocabulary padded to a multiple of
   --make-vocab-size-divisible-by x p first); ``output_layer`` -> ColumnParallelLinear over the
-  vocabulary, still tied to the embedding unless untied, with ``vocab_start`` set so the model
+  vocabulary, still tied to the embedding unless untied; ``model.vocab_start`` set so the model
   masks padded columns; ``loss_fn`` -> vocab_parallel_cross_entropy (full logits never exist).
 - attention ``qkv`` and MLP ``fc1`` / ``gate`` -> ColumnParallelLinear; ``proj`` and ``fc2`` ->
-  RowParallelLinear; ``num_heads`` / ``num_kv_heads`` become the local counts. The qkv rows are
-  grouped per query group, so a contiguous row block holds whole groups. SwiGLU's gate and
-  fc1 share one input collective (a forward pre-hook on the MLP), so a layer communicates
-  exactly Megatron's four all-reduces (or their all-gather/reduce-scatter halves under SP).
+  RowParallelLinear. The qkv rows are grouped per query group, so a contiguous row block holds
+  whole groups, and the model reads its local head count from the weight's shape (nothing to
+  edit). SwiGLU's gate and fc1 share one input collective (a forward pre-hook on the MLP), so a
+  layer communicates exactly Megatron's four all-reduces (or their all-gather/reduce-scatter
+  halves under SP).
+
+These are the seams model.py's docstring lists; apply_tp touches nothing else on the model.
 
 With ``sequence_parallel`` the activations between the TP regions are this rank's sequence
 shard [s/p, b, h]: the embedding reduce-scatters, column layers all-gather along the sequence,
@@ -20,25 +23,25 @@ the shard, so the replicated parameters other than the position table (norm weig
 biases, row-parallel biases) only see part of the sequence: each gets a gradient hook that
 sums its gradient over the TP group once per backward pass, before accumulation into
 ``.grad`` (so gradient accumulation and recompute keep sum semantics; nothing for the loop
-to call). Such parameters carry ``p.sequence_parallel = True``.
+to call). Such parameters carry ``p.sequence_parallel = True``; the hooked set is every
+parameter without a ``tp_split_dim`` (see tensor_parallel.py), bar the position table.
 
 Every weight is a slice of the dense model's weight, so a TP model built from the same seed
 equals the single-rank model. With attention dropout each TP rank's core attention draws from
-its own stream (PerRankDropoutAttention), as Megatron's model-parallel RNG does. Parameters sharded over TP carry ``p.tensor_model_parallel = True``;
-gradient clipping sums their squared norms over TP and counts all others once.
+its own stream (PerRankDropoutAttention), as Megatron's model-parallel RNG does.
 """
 from __future__ import annotations
 
 import functools
 import warnings
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, ffn_hidden_size, num_query_groups
-from .comm import all_reduce_grad_hook, scatter_to_sequence
-from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_region,
+from .comm import all_reduce_grad_hook
+from .tensor_parallel import (ColumnParallelLinear, PerRankDropoutAttention, RowParallelLinear,
+                              SequenceScatteredEmbedding, VocabParallelEmbedding, enter_region, split_dim,
                               vocab_parallel_cross_entropy)
 
 
@@ -66,43 +69,6 @@ def validate_tp(model_cfg: ModelConfig, tp: int, sequence_parallel: bool, cp: in
             f"over --tensor-parallel-size {tp}; make --seq-length a multiple of {cp * tp}")
 
 
-class SequenceScatteredEmbedding(nn.Embedding):
-    """An nn.Embedding whose [s, b, h] output is split to this rank's sequence shard.
-    forward: lookup then split along dim 0 / backward: all-gather along dim 0, so every rank
-    gets the full (identical) table gradient."""
-
-    @classmethod
-    def from_dense(cls, embedding: nn.Embedding, group):
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
-        layer.weight = embedding.weight  # same parameter: replicated, not re-initialised
-        layer.group = group
-        return layer
-
-    def forward(self, ids):
-        return scatter_to_sequence(super().forward(ids), self.group)
-
-
-class PerRankDropoutAttention(nn.Module):
-    """Core attention with a dropout stream per TP rank. Each rank holds different heads, so the
-    replicated stream (which hidden dropout needs) would repeat masks across heads. The seed is
-    drawn from the shared stream, so it is equal on all TP ranks before the offset and replayed
-    exactly when activation recompute restores the RNG state."""
-
-    def __init__(self, inner: nn.Module, tp_rank: int):
-        super().__init__()
-        self.inner, self.tp_rank = inner, tp_rank
-
-    def forward(self, q, k, v):
-        if not self.training:
-            return self.inner(q, k, v)
-        seed = int(torch.randint(0, 2**62, (1,))) + self.tp_rank
-        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
-            torch.default_generator.manual_seed(seed)
-            if q.is_cuda:
-                torch.cuda.manual_seed(seed)
-            return self.inner(q, k, v)
-
-
 def _enter_mlp(module, args, *, group, sequence_parallel):
     """Forward pre-hook of a SwiGLU MLP: one input collective shared by gate and fc1."""
     return (enter_region(args[0], group, sequence_parallel), *args[1:])
@@ -126,8 +92,6 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
     for block in model.layers:
         attn, mlp = block.attention, block.mlp
         attn.qkv, attn.proj = column(attn.qkv), row(attn.proj)
-        attn.num_heads //= tp
-        attn.num_kv_heads //= tp
         if attn.core_attention.dropout > 0:
             attn.core_attention = PerRankDropoutAttention(attn.core_attention, dist.get_rank(tp_group))
         mlp.fc2 = row(mlp.fc2)
@@ -138,15 +102,15 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
             mlp.register_forward_pre_hook(functools.partial(_enter_mlp, group=tp_group, sequence_parallel=sp))
 
     out = column(model.output_layer)
-    out.vocab_start = emb.word.vocab_start  # the model masks global columns >= vocab_size
     if tied:
         out.weight = emb.word.weight
     model.output_layer = out
+    model.vocab_start = emb.word.vocab_start  # the model masks global columns >= vocab_size
     model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=tp_group)
 
     if sp:
         position = emb.position.weight if emb.position is not None else None
         for p in model.parameters():
-            if not getattr(p, "tensor_model_parallel", False) and p is not position:
+            if split_dim(p) is None and p is not position:
                 all_reduce_grad_hook(p, tp_group)
     return model

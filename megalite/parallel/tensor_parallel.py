@@ -13,10 +13,16 @@ weight is a contiguous slice of the dense weight):
   added after the reduction.
 - VocabParallelEmbedding: ``weight`` [V/p, h] = vocabulary rows [vocab_start, vocab_end).
 
-Sharded parameters carry ``p.tensor_model_parallel = True``. A replicated parameter whose
+A sharded parameter carries the dim it is split along, ``p.tp_split_dim`` (an int; read it
+with ``split_dim``). It is the one record of the layout: the checkpoint's partition map, the
+gradient norm (shards summed over TP) and apply_tp's choice of sequence-parallel hooks all
+derive from it, so a new sharded layer only has to set it. A replicated parameter whose
 gradient only sees this rank's sequence shard (the row-parallel bias under sequence
 parallel) gets its gradient summed over the group by ``all_reduce_grad_hook`` and carries
 ``p.sequence_parallel = True``.
+
+Also here: ``SequenceScatteredEmbedding`` (a replicated table whose output is this rank's
+sequence shard) and ``PerRankDropoutAttention`` (attention dropout drawn per TP rank).
 
 ``from_dense`` builds each layer from the matching single-device module by slicing its
 weights, so a TP model equals the dense model built with the same seed.
@@ -32,7 +38,16 @@ from torch import nn
 
 from .comm import (all_reduce, all_reduce_grad_hook, copy_to_region, gather_along_sequence,
                    gather_last_dim, reduce_from_region, reduce_scatter_along_sequence,
-                   scatter_last_dim)
+                   scatter_last_dim, scatter_to_sequence)
+
+
+def split_dim(param: torch.Tensor) -> int | None:
+    """The dim along which ``param`` is sharded over TP (its ``tp_split_dim``), None when replicated."""
+    dim = getattr(param, "tp_split_dim", None)
+    if dim is not None and not (isinstance(dim, int) and 0 <= dim < param.dim()):
+        raise ValueError(f"tp_split_dim {dim!r} of a parameter of shape {tuple(param.shape)} is not one of "
+                         f"its dims; set it to the int dim the shards split")
+    return dim
 
 
 def enter_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -72,11 +87,11 @@ class _ParallelLinear(nn.Module):
         self._mark_params()
 
     def _mark_params(self):
-        self.weight.tensor_model_parallel = True
+        self.weight.tp_split_dim = self.split_dim
         if self.bias is None:
             return
         if self.split_dim == 0:
-            self.bias.tensor_model_parallel = True
+            self.bias.tp_split_dim = 0
         elif self.sequence_parallel:
             all_reduce_grad_hook(self.bias, self.group)
 
@@ -169,7 +184,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = dist.get_rank(group) * per_rank
         self.vocab_end = self.vocab_start + per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, device=device, dtype=dtype).normal_())
-        self.weight.tensor_model_parallel = True
+        self.weight.tp_split_dim = 0
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, group, *, sequence_parallel=False):
@@ -179,7 +194,7 @@ class VocabParallelEmbedding(nn.Module):
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, group=group,
                     sequence_parallel=sequence_parallel, device="meta", dtype=embedding.weight.dtype)
         layer.weight = _shard(embedding.weight, 0, group)
-        layer.weight.tensor_model_parallel = True
+        layer.weight.tp_split_dim = 0
         return layer
 
     def forward(self, ids):
@@ -193,6 +208,43 @@ class VocabParallelEmbedding(nn.Module):
     def extra_repr(self):
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab=[{self.vocab_start}, {self.vocab_end}), "
                 f"sequence_parallel={self.sequence_parallel}")
+
+
+class SequenceScatteredEmbedding(nn.Embedding):
+    """An nn.Embedding whose [s, b, h] output is split to this rank's sequence shard.
+    forward: lookup then split along dim 0 / backward: all-gather along dim 0, so every rank
+    gets the full (identical) table gradient."""
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, group):
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        layer.weight = embedding.weight  # same parameter: replicated, not re-initialised
+        layer.group = group
+        return layer
+
+    def forward(self, ids):
+        return scatter_to_sequence(super().forward(ids), self.group)
+
+
+class PerRankDropoutAttention(nn.Module):
+    """Core attention with a dropout stream per TP rank. Each rank holds different heads, so the
+    replicated stream (which hidden dropout needs) would repeat masks across heads. The seed is
+    drawn from the shared stream, so it is equal on all TP ranks before the offset and replayed
+    exactly when activation recompute restores the RNG state."""
+
+    def __init__(self, inner: nn.Module, tp_rank: int):
+        super().__init__()
+        self.inner, self.tp_rank = inner, tp_rank
+
+    def forward(self, q, k, v):
+        if not self.training:
+            return self.inner(q, k, v)
+        seed = int(torch.randint(0, 2**62, (1,))) + self.tp_rank
+        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if q.is_cuda:
+                torch.cuda.manual_seed(seed)
+            return self.inner(q, k, v)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
+from ..parallel.tensor_parallel import split_dim
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -46,8 +47,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def clip_grad_norm(params, max_norm: float, tp_group) -> torch.Tensor:
     """Global L2 norm of all gradients, clipping in place when max_norm > 0.
 
-    Parameters marked ``tensor_model_parallel`` are shards whose squares are summed over TP;
-    replicated ones are counted once. DP/CP replicas already hold identical summed gradients.
+    Parameters with a ``tp_split_dim`` are shards whose squares are summed over TP; replicated
+    ones are counted once. DP/CP replicas already hold identical summed gradients.
     """
     grads = [p for p in params if p.grad is not None]
     if not grads:
@@ -57,7 +58,7 @@ def clip_grad_norm(params, max_norm: float, tp_group) -> torch.Tensor:
     replicated = torch.zeros((), device=dev, dtype=torch.float32)
     for p in grads:
         sq = p.grad.detach().float().pow(2).sum()
-        if getattr(p, "tensor_model_parallel", False):
+        if split_dim(p) is not None:
             sharded += sq
         else:
             replicated += sq
