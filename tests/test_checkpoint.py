@@ -7,8 +7,13 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from megalite.config import ConfigError
+from megalite.config import Config, ConfigError, ModelConfig, ParallelConfig
+from megalite.model import GPT
+from megalite.parallel.apply_tp import apply_tp
+from megalite.parallel.dims import ParallelDims
 from megalite.training import checkpoint
 from megalite.training.main import main
 from multiproc import run_ranks
@@ -165,3 +170,48 @@ def test_inspect_lists_iteration_layout_and_sizes(ref):
     assert "model.embedding.word.weight" not in out and "model/embedding.word.weight  [768, 64] (520 real rows)" in out
     meta = json.loads(open(os.path.join(ck, "iter_0000006", "meta.json")).read())
     assert f"{sum(meta['files'].values()):,} bytes" in out
+
+
+class _ColumnScale(nn.Module):
+    """A sharded layer megalite has never heard of: its weight is split along dim 1 over TP."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.weight = nn.Parameter(torch.arange(6.0).view(3, 2) + 10 * rank)  # this rank's columns
+        self.weight.tp_split_dim = 1
+
+
+def _partition_map_at_tp2(rank, world, save_dir):
+    cfg = Config(model=ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=24,
+                                   seq_length=8, swiglu=True, add_bias_linear=True,
+                                   untie_embeddings_and_output_weights=True, make_vocab_size_divisible_by=4),
+                 parallel=ParallelConfig(tensor_parallel_size=2))
+    model = apply_tp(GPT(cfg.model, 37), dist.group.WORLD, sequence_parallel=False)
+    want = {"embedding.word.weight": 0, "output_layer.weight": 0}  # vocabulary rows
+    for i in range(2):
+        for name, dim in [("attention.qkv.weight", 0), ("attention.qkv.bias", 0), ("attention.proj.weight", 1),
+                          ("mlp.gate.weight", 0), ("mlp.gate.bias", 0), ("mlp.fc1.weight", 0),
+                          ("mlp.fc1.bias", 0), ("mlp.fc2.weight", 1)]:  # row-parallel biases are replicated
+            want[f"layers.{i}.{name}"] = dim
+    assert checkpoint.partition_dims(model) == want
+
+    # A new layer is checkpointed (and resharded) from its attribute alone: no class list to extend.
+    model.layers[0].scale = _ColumnScale(rank)
+    assert checkpoint.partition_dims(model) == {**want, "layers.0.scale.weight": 1}
+    dims = ParallelDims.build(cfg.parallel, "cpu")
+    ck = checkpoint.save(save_dir, 1, 0, model, torch.optim.AdamW(model.parameters()), dims, cfg)
+    entry = checkpoint.read_meta(ck)["tensors"]["model/layers.0.scale.weight"]
+    assert (entry["dim"], entry["shape"], len(entry["files"])) == (1, [3, 4], 2)
+    dense = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(6.0).view(3, 2) + 10], dim=1)
+    fresh = _ColumnScale(rank=5)
+    model.layers[0].scale = fresh
+    checkpoint.load(ck, model, torch.optim.AdamW(model.parameters()), dims, cfg, log=lambda *_: None)
+    assert torch.equal(fresh.weight.detach(), dense[:, 2 * rank:2 * rank + 2])
+
+
+def test_partition_map_comes_from_parameter_attributes(tmp_path):
+    run_ranks(_partition_map_at_tp2, 2, tmp_path, str(tmp_path / "ck"))
+    bad = nn.Parameter(torch.zeros(3))
+    bad.tp_split_dim = 1
+    with pytest.raises(ValueError, match="tp_split_dim 1 of a parameter of shape \\(3,\\)"):
+        checkpoint.partition_dims(nn.ParameterList([bad]))

@@ -32,7 +32,7 @@ leaves the previous checkpoint as the one ``--load`` resumes from.
 from __future__ import annotations
 
 from .atomic_save import save
-from .format import FORMAT, VOCAB_TENSORS, partition_dims
+from .format import FORMAT, partition_dims
 from .reshard_load import load
 from .resolve import (
            check_compatible,
@@ -43,5 +43,5 @@ from .resolve import (
            resolve_load_dir,
 )
 
-__all__ = ["FORMAT", "VOCAB_TENSORS", "check_compatible", "list_checkpoints", "load", "partition_dims",
+__all__ = ["FORMAT", "check_compatible", "list_checkpoints", "load", "partition_dims",
            "problem", "read_latest", "read_meta", "resolve_load_dir", "save"]

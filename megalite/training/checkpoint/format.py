@@ -10,16 +10,10 @@ import re
 import numpy as np
 import torch
 
-from ...parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from ...parallel.tensor_parallel import split_dim
 
 FORMAT = 2
-VOCAB_TENSORS = ("embedding.word.weight", "output_layer.weight")  # rows = padded vocabulary
 _ITER = re.compile(r"^iter_(\d+)$")
-_SPLIT_DIM = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}
 
 
 def _iter_name(iteration: int) -> str:
@@ -48,22 +42,9 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def partition_dims(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter name -> the dim its TP shards split, for every TP-sharded parameter."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for mod in model.modules():
-        dim = next((d for cls, d in _SPLIT_DIM.items() if isinstance(mod, cls)), None)
-        if dim is None:
-            continue
-        out[names[id(mod.weight)]] = dim
-        bias = getattr(mod, "bias", None)
-        if bias is not None and getattr(bias, "tensor_model_parallel", False):
-            out[names[id(bias)]] = 0
-    unknown = [n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False) and n not in out]
-    if unknown:
-        raise RuntimeError(f"cannot checkpoint TP-sharded parameters {unknown}: their module type is not one of "
-                           f"{[c.__name__ for c in _SPLIT_DIM]}, so the split dim is unknown")
-    return out
+    """Parameter name -> the dim its TP shards split (its ``tp_split_dim``), for every TP-sharded
+    parameter, whatever module holds it."""
+    return {n: d for n, p in model.named_parameters() if (d := split_dim(p)) is not None}
 
 
 def _entries(model, optimizer) -> dict[str, tuple[torch.Tensor, int | None, int | None]]:
@@ -72,7 +53,8 @@ def _entries(model, optimizer) -> dict[str, tuple[torch.Tensor, int | None, int 
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for n, p in model.named_parameters():
-        out[f"model/{n}"] = (p.detach(), split.get(n), model.vocab_size if n in VOCAB_TENSORS else None)
+        real = model.vocab_size if n in model.VOCAB_PARAMETERS else None
+        out[f"model/{n}"] = (p.detach(), split.get(n), real)
     for group in optimizer.param_groups:
         for p in group["params"]:
             n = names[id(p)]

@@ -8,7 +8,7 @@ import torch
 
 from ...config import ConfigError
 from ...model import GPT
-from .format import _ITER, FORMAT, VOCAB_TENSORS
+from .format import _ITER, FORMAT
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -102,7 +102,7 @@ def check_compatible(meta: dict, cfg, vocab_size: int, ckpt_dir: str) -> None:
     first mismatching tensors (compared as dense shapes with the real vocabulary rows)."""
     with torch.device("meta"):
         dense = GPT(cfg.model, vocab_size)
-    want = {n: [vocab_size, *p.shape[1:]] if n in VOCAB_TENSORS else list(p.shape)
+    want = {n: [vocab_size, *p.shape[1:]] if n in dense.VOCAB_PARAMETERS else list(p.shape)
             for n, p in dense.named_parameters()}
     have = {k.removeprefix("model/"): [e["real"], *e["shape"][1:]] if "real" in e else e["shape"]
             for k, e in meta["tensors"].items() if k.startswith("model/")}
