@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -78,6 +80,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "--adam-beta2", "AdamW beta2")
     adam_eps: float = _f(1e-8, "--adam-eps", "AdamW eps")
     clip_grad: float = _f(1.0, "--clip-grad", "global grad-norm clip (0 = off)")
+    max_skipped_steps: int = _f(5, "--max-skipped-steps", "stop after N consecutive steps skipped for a non-finite loss or gradient (0 = never)")
     bf16: bool = _f(False, "--bf16", "bf16 autocast, fp32 master weights")
     seed: int = _f(1234, "--seed", "seed for init, data order and dropout")
     eval_interval: int = _f(1000, "--eval-interval", "evaluate every N steps")
@@ -134,42 +137,75 @@ def build_parser() -> argparse.ArgumentParser:
             if f.type in ("bool", bool):
                 g.add_argument(md["flag"], dest=f.name, action="store_true", default=None, help=md["help"])
                 continue
-            typ = {"int": int, "float": float, "str": str}[str(f.type).replace("Optional[", "").rstrip("]")]
-            g.add_argument(md["flag"], dest=f.name, type=typ, default=None, choices=md.get("choices"), help=md["help"])
+            g.add_argument(md["flag"], dest=f.name, type=_value_type(f), default=None, choices=md.get("choices"), help=md["help"])
     p.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None)
     p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help=argparse.SUPPRESS)
     return p
 
 
+def _value_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "str": str}[str(f.type).replace("Optional[", "").rstrip("]")]
+
+
 def _load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file")
+    toml = path.endswith(".toml")
     with open(path, "rb") as fh:
-        if path.endswith(".toml"):
-            import tomllib
-            raw = tomllib.load(fh)
-        else:
-            raw = json.load(fh)
-    return {k.lstrip("-").replace("-", "_"): v for k, v in raw.items()}
+        try:
+            if toml:
+                import tomllib
+                raw = tomllib.load(fh)
+            else:
+                raw = json.load(fh)
+        except ValueError as exc:  # both decoders' errors are ValueErrors
+            raise ConfigError(f"--config {path} is not valid {'TOML' if toml else 'JSON'}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path} must hold one object of flag names and values, "
+                          f"not a {type(raw).__name__}")
+    return raw
 
 
-def _file_argv(defaults: dict) -> list[str]:
-    """A --config file as flags, so its values get the same type and choice checks as the command line."""
+def _file_argv(raw: dict, path: str) -> list[str]:
+    """A --config file as flags, each value checked here so the error names the key and the file."""
     fields = {f.name: f for _, cls in _sections() for f in dataclasses.fields(cls)}
-    unknown = sorted(set(defaults) - set(fields))
+    name = {key: key.lstrip("-").replace("-", "_") for key in raw}
+    unknown = [key for key in raw if name[key] not in fields]
     if unknown:
-        raise ConfigError(f"--config: unknown keys {unknown}")
+        flags = [f.metadata["flag"] for f in fields.values()]
+        hints = [repr(k) + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
+                 "--" + name[k].replace("_", "-"), flags, n=1)) for k in unknown]
+        raise ConfigError(f"--config {path}: unknown key {', '.join(hints)}; keys are flag names (see --help)")
     argv = []
-    for key, val in defaults.items():
-        f = fields[key]
+    for key, val in raw.items():
+        f, where = fields[name[key]], f"--config {path}: {key}"
         if f.type in ("bool", bool):
             if not isinstance(val, bool):
-                raise ConfigError(f"--config: {key} must be true or false (got {val!r})")
+                raise ConfigError(f"{where} must be true or false (got {val!r})")
             if val != f.default:
                 argv.append(f.metadata["flag"] if val else "--disable-bias-linear")
         elif val is not None:
-            argv += [f.metadata["flag"], str(val)]
+            argv += [f.metadata["flag"], _file_value(where, val, f)]
     return argv
+
+
+def _file_value(where: str, val, f: dataclasses.Field) -> str:
+    """``val`` as the flag's text, after the checks argparse would make (type, choices)."""
+    typ, choices = _value_type(f), f.metadata.get("choices")
+    if isinstance(val, (bool, list, dict)) or not _parses(typ, str(val)):
+        kind = {int: "an integer", float: "a number", str: "a string"}[typ]
+        raise ConfigError(f"{where} must be {kind} (got {val!r})")
+    if choices and str(val) not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {val!r})")
+    return str(val)
+
+
+def _parses(typ: type, text: str) -> bool:
+    try:
+        typ(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse(argv=None) -> Config:
@@ -177,16 +213,23 @@ def parse(argv=None) -> Config:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     config_file = parser.parse_known_args(argv)[0].config
-    if config_file:
-        argv = _file_argv(_load_file(config_file)) + argv  # later flags win
-    ns = vars(parser.parse_args(argv))
+    from_file = _file_argv(_load_file(config_file), config_file) if config_file else []
+    ns = vars(parser.parse_args(from_file + argv))  # later flags win
     cfg = Config()
     for name, _ in _sections():
         sec = getattr(cfg, name)
         for f in dataclasses.fields(sec):
             if ns.get(f.name) is not None:
                 setattr(sec, f.name, ns[f.name])
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        # A flag the message names that only the file set: say where it came from.
+        named = set(re.findall(r"--[a-z0-9-]+", str(exc)))
+        origin = sorted(named & set(from_file) - {a.split("=")[0] for a in argv})
+        if origin:
+            raise ConfigError(f"{exc} ({', '.join(origin)} set in --config {config_file})") from None
+        raise
     return cfg
 
 
@@ -226,6 +269,8 @@ def validate(cfg: Config) -> None:
                           "(set --kv-channels or --hidden-size / --num-attention-heads accordingly)")
     if cfg.logging.log_interval < 1:
         raise ConfigError(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
+    if t.max_skipped_steps < 0:
+        raise ConfigError(f"--max-skipped-steps must be >= 0, 0 meaning never stop (got {t.max_skipped_steps})")
     if t.global_batch_size is not None and t.global_batch_size < 1:
         raise ConfigError(f"--global-batch-size must be >= 1 (got {t.global_batch_size})")
     if t.lr_warmup_iters > t.train_iters and t.train_iters > 0:

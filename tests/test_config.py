@@ -57,6 +57,7 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     (["--kv-channels", "15"], "head dim 15 must be even"),
     (["--log-interval", "0"], "--log-interval must be >= 1"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--max-skipped-steps", "-1"], "--max-skipped-steps must be >= 0"),
 ])
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ConfigError, match=message):

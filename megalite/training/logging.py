@@ -87,6 +87,9 @@ def format_line(r: dict) -> str:
              f"TFLOP/s/GPU: {r['tflops_per_device']:.2f}"]
     if r.get("mfu") is not None:
         parts.append(f"MFU: {100 * r['mfu']:.1f}%")
+    if r.get("skipped_iterations"):
+        parts.append(f"skipped iterations: {r['skipped_iterations']}"
+                     + (" (this update skipped: non-finite loss or gradient)" if r["skipped"] else ""))
     parts.append(f"mem: {r['mem_gib']:.2f} GiB")
     if "valid_loss" in r:
         parts.append(f"valid loss: {r['valid_loss']:.6E}")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .logging import flops_per_token, memory_gib
+from .nonfinite import NonFiniteError, check_skips, save_refusal, step_flags
 from .optim import clip_grad_norm, lr_at, set_lr
 from ..parallel.zigzag import zigzag_split
 from ..parallel.parallelize import unwrap
@@ -28,6 +29,16 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     exit_requested: bool = field(default=False, repr=False)
+    skipped_iterations: int = 0  # updates skipped for a non-finite loss or gradient, this process
+    consecutive_skips: int = 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float  # as this rank computed it
+    skipped: bool  # no rank applied the update: some rank saw a non-finite loss or gradient
+    exiting: bool  # some rank received the exit signal
 
 
 def micro_batches(dataset, start: int, cfg, dims, device):
@@ -72,8 +83,9 @@ def _global_tokens(batches, dims, device):
     return local
 
 
-def train_step(model, optimizer, batches, dims, cfg, device):
-    """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm)."""
+def train_step(model, optimizer, batches, dims, cfg, device, exit_requested: bool = False) -> StepResult:
+    """One optimizer step over this rank's micro-batches, skipped on every rank when any rank's
+    loss or gradient is not finite; the same world all-reduce shares the exit-signal flag."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     with blame("loss-token count all-reduce (DP x CP)", dims, cfg):
         global_tokens = _global_tokens(batches, dims, device)
@@ -90,9 +102,12 @@ def train_step(model, optimizer, batches, dims, cfg, device):
         dist.all_reduce(loss_sum, group=dims.dp_cp_group)
     with blame("grad-norm all-reduce (TP)", dims, cfg):
         grad_norm = clip_grad_norm(unwrap(model).parameters(), cfg.train.clip_grad, dims.tp_group)
-    optimizer.step()
+    with blame("non-finite and exit-signal flags all-reduce (world)", dims, cfg):
+        skipped, exiting = step_flags(loss_sum, grad_norm, exit_requested)
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item(), grad_norm.item()
+    return StepResult(loss_sum.item(), grad_norm.item(), skipped, exiting)
 
 
 @torch.no_grad()
@@ -117,12 +132,6 @@ def _install_exit_handler(state: TrainState):
     signal.signal(signal.SIGTERM, handler)
 
 
-def _any_rank_wants_exit(state: TrainState, device) -> bool:
-    flag = torch.tensor([1.0 if state.exit_requested else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
-    return bool(flag.item())
-
-
 def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, model_flops_n: int):
     """Run until --train-iters (or --exit-interval / SIGTERM); saves per --save-interval and at the end."""
     t, ck = cfg.train, cfg.checkpoint
@@ -140,9 +149,11 @@ def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, 
         lr = lr_at(state.iteration + 1, t)
         set_lr(optimizer, lr)
         batches = list(micro_batches(train_set, state.consumed_samples, cfg, dims, device))
-        loss, grad_norm = train_step(model, optimizer, batches, dims, cfg, device)
+        step = train_step(model, optimizer, batches, dims, cfg, device, state.exit_requested)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
+        state.skipped_iterations += step.skipped
+        state.consecutive_skips = state.consecutive_skips + 1 if step.skipped else 0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_time = time.perf_counter() - t0
@@ -151,8 +162,9 @@ def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, 
             elapsed = time.perf_counter() - t_start
             tflops = flops_step / step_time / dims.world_size / 1e12
             record = {"iteration": state.iteration, "train_iters": t.train_iters,
-                      "consumed_samples": state.consumed_samples, "loss": loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / step_time,
+                      "consumed_samples": state.consumed_samples, "loss": step.loss, "lr": lr,
+                      "grad_norm": step.grad_norm, "skipped": step.skipped,
+                      "skipped_iterations": state.skipped_iterations, "tokens_per_sec": tokens_per_step / step_time,
                       "step_time": step_time, "tflops_per_device": tflops,
                       "mfu": tflops / peak if peak else None, "mem_gib": memory_gib(device),
                       "eta_s": elapsed / (state.iteration - start_iter) * (stop_at - state.iteration)}
@@ -163,14 +175,18 @@ def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, 
             if record:
                 record["valid_loss"] = valid
         if logger:
-            logger.log(record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at)
-        with blame("exit-signal flag all-reduce (world)", dims, cfg):
-            exiting = ck.exit_signal_handler and _any_rank_wants_exit(state, device)
+            logger.log(record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at
+                       or step.skipped)
+        check_skips(state.iteration, state.consecutive_skips, t.max_skipped_steps)
         periodic = ck.save_interval and state.iteration % ck.save_interval == 0
-        if ck.save and (periodic or exiting or state.iteration == stop_at):
+        if ck.save and (periodic or step.exiting or state.iteration == stop_at):
+            with blame("non-finite check before the checkpoint save (world)", dims, cfg):
+                refusal = save_refusal(unwrap(model), optimizer, dims, state.iteration, ck.save, device)
+            if refusal:
+                raise NonFiniteError(refusal)
             with blame("checkpoint save", dims, cfg):
                 checkpoint.save(ck.save, state.iteration, state.consumed_samples, unwrap(model), optimizer, dims, cfg)
-        if exiting:
+        if step.exiting:
             if logger:
                 print(f"megalite: exit signal received: stopping after iteration {state.iteration}"
                       + (f", checkpoint saved in {ck.save}" if ck.save else " (no --save: nothing saved)"), flush=True)
