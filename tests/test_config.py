@@ -1,14 +1,19 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megalite import config as C
 from megalite.config import ConfigError
 from megalite.distributed import check_bf16
 from megalite.ops import attention
 from megalite.training.checkpoint import resolve_load_dir
-from megalite.training.main import validate_world
+from megalite.training.main import main, validate_world
+from pretrain_utils import ROOT
 
 
 def test_megatron_flags_parse_into_sections():
@@ -32,7 +37,7 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     cfg = C.parse(["--config", str(path), "--lr", "0.1"])
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.lr) == (7, 128, 0.1)
     path.write_text(json.dumps({"num-layerz": 7}))
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"unknown key 'num-layerz' \(did you mean --num-layers\?\)"):
         C.parse(["--config", str(path)])
     path.write_text(json.dumps({"bf16": "false"}))
     with pytest.raises(ConfigError, match="bf16 must be true or false"):
@@ -42,8 +47,46 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     cfg = C.parse(["--config", str(toml)])
     assert cfg.model.seq_length == 64 and cfg.model.swiglu and not cfg.model.add_bias_linear
     toml.write_text('lr-decay-style = "cosin"\n')
-    with pytest.raises(SystemExit):  # argparse's own choice check names the flag
+    with pytest.raises(ConfigError, match=r"c\.toml: lr-decay-style must be one of cosine, linear, constant \(got 'cosin'\)"):
         C.parse(["--config", str(toml)])
+
+
+@pytest.mark.fault("bad-config")
+@pytest.mark.parametrize("name, content, message", [
+    ("c.json", {"num-layerz": 3, "lr": 0.1}, r"c\.json: unknown key 'num-layerz' \(did you mean --num-layers\?\)"),
+    ("c.toml", 'seq_len = 64\n', r"c\.toml: unknown key 'seq_len' \(did you mean --seq-length\?\)"),
+    ("c.json", {"num_layers": "four"}, r"c\.json: num_layers must be an integer \(got 'four'\)"),
+    ("c.toml", "num-layers = 2.5\n", r"c\.toml: num-layers must be an integer \(got 2\.5\)"),
+    ("c.json", {"lr": [0.1]}, r"c\.json: lr must be a number \(got \[0\.1\]\)"),
+    ("c.json", {"swiglu": "yes"}, r"c\.json: swiglu must be true or false \(got 'yes'\)"),
+    ("c.json", {"normalization": "rmsnorm"}, r"c\.json: normalization must be one of LayerNorm, RMSNorm"),
+    ("c.json", {"tensor-parallel-size": 0},
+     r"--tensor-parallel-size must be >= 1 \(got 0\) \(--tensor-parallel-size set in --config .*c\.json\)"),
+    ("c.json", {"hidden-size": 100, "num-attention-heads": 3},
+     r"--hidden-size 100 is not divisible .* \(--hidden-size, --num-attention-heads set in --config .*c\.json\)"),
+    ("c.toml", "num-layers = = 2\n", r"c\.toml is not valid TOML"),
+    ("c.json", "[1, 2]", r"c\.json must hold one object of flag names and values, not a list"),
+])
+def test_bad_config_file_fails_naming_the_key_before_any_collective(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ConfigError, match=message):
+        main(["--config", str(path), "--log-dir", str(tmp_path / "log")])
+    assert not dist.is_initialized() and not (tmp_path / "log").exists()
+
+
+@pytest.mark.fault("bad-config")
+def test_bad_config_file_through_pretrain_py(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"tensor-parallel-size": 0}))
+    # A value given on the command line is the one the error is about: no blame on the file.
+    with pytest.raises(ConfigError, match=r"\(got 0\)$"):
+        C.parse(["--config", str(path), "--tensor-parallel-size", "0"])
+    path.write_text(json.dumps({"micro_batch_size": "two"}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--config", str(path)], check=False,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"megalite: error: --config {path}: micro_batch_size must be an integer (got 'two')" in proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,6 +1,10 @@
 import json
 import os
+import pathlib
 import pickle
+import re
+import sysconfig
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from megalite.data.default_corpus import ensure_default_corpus
 from megalite.data.gpt_dataset import GPTDataset, build_datasets, split_bounds
 from megalite.data.indexed import DatasetFormatError, IndexedDataset, IndexedDatasetBuilder
 from megalite.data.preprocess import main as preprocess_main
-from megalite.data.tokenizer import Tokenizer
+from megalite.data.tokenizer import Tokenizer, train_tokenizer
 
 EOD = 0
 
@@ -22,6 +26,12 @@ def write(prefix, docs, vocab_size=100):
         builder.add_document(d)
     builder.finalize()
     return str(prefix)
+
+
+def rebuild(prefix, tokenizer=r"\S+"):
+    """The preprocess command an error must give to rebuild the dataset at ``prefix``."""
+    return (r"python -m megalite\.data\.preprocess --input FILES --tokenizer-model " + tokenizer
+            + " --output-prefix " + re.escape(str(prefix)))
 
 
 def tiny_docs(n, seed=0):
@@ -63,11 +73,12 @@ def test_missing_file_is_named(tmp_path, ext):
         IndexedDataset(prefix)
 
 
+@pytest.mark.fault("bad-data")
 def test_truncated_bin(tmp_path):
     prefix = write(tmp_path / "d", [[1, 2, 3], [4, 5]])
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(6)
-    with pytest.raises(DatasetFormatError, match=r"d\.bin is 6 bytes .* 5 uint16 tokens .*truncated"):
+    with pytest.raises(DatasetFormatError, match=r"d\.bin is 6 bytes .* 5 uint16 tokens .*truncated.*" + rebuild(prefix)):
         IndexedDataset(prefix)
 
 
@@ -80,24 +91,50 @@ def _patch_idx(prefix, offset, data):
 def test_empty_dataset(tmp_path):
     prefix = str(tmp_path / "d")
     with open(prefix + ".idx", "wb") as f:
-        f.write(indexed._HEADER.pack(indexed.MAGIC, indexed.VERSION, 1, 100, 0, 0))
+        f.write(indexed.HEADERS[indexed.VERSION].pack(indexed.MAGIC, indexed.VERSION, 1, 100, 0, 0, bytes(16)))
     open(prefix + ".bin", "wb").close()
     with pytest.raises(DatasetFormatError, match="is empty"):
         IndexedDataset(prefix)
 
 
+HEADER = indexed.HEADERS[indexed.VERSION].size
+
+
+@pytest.mark.fault("bad-data")
 @pytest.mark.parametrize("offset, data, match", [
     (0, b"NOTMEGA\0", "not a megalite index"),
     (8, np.uint64(7).tobytes(), "format version 7"),
     (16, np.uint64(9).tobytes(), "dtype code 9"),
-    (48 + 8, np.int64(2).tobytes(), "do not tile"),  # second document's offset out of place
-    (48 + 16 + 4, np.int32(-1).tobytes(), "do not tile"),  # negative size
+    (32, np.uint64(3).tobytes(), r"d\.idx is 88 bytes, its header implies 100: truncated or corrupt"),  # doc count
+    (HEADER + 8, np.int64(2).tobytes(), "do not tile"),  # second document's offset out of place
+    (HEADER + 16 + 4, np.int32(-1).tobytes(), "do not tile"),  # negative size
 ])
 def test_corrupt_idx(tmp_path, offset, data, match):
     prefix = write(tmp_path / "d", [[1, 2, 3], [4, 5]])
     _patch_idx(prefix, offset, data)
-    with pytest.raises(DatasetFormatError, match=match):
+    with pytest.raises(DatasetFormatError, match=match + ".*" + rebuild(prefix)):
         IndexedDataset(prefix)
+
+
+@pytest.mark.fault("bad-data")
+def test_truncated_idx(tmp_path):
+    prefix = write(tmp_path / "d", [[1, 2, 3], [4, 5]])
+    for size, need in [(HEADER + 20, 88), (HEADER - 1, HEADER), (10, HEADER)]:  # shorter and shorter
+        with open(prefix + ".idx", "r+b") as f:
+            f.truncate(size)
+        with pytest.raises(DatasetFormatError, match=rf"d\.idx .*{need}.*" + rebuild(prefix)):
+            IndexedDataset(prefix)
+
+
+def test_format_1_index_is_still_read(tmp_path):
+    prefix = write(tmp_path / "d", [[1, 2, 3], [4, 5]])
+    with open(prefix + ".idx", "rb") as f:
+        raw = f.read()
+    magic, _, *counts, _ = indexed.HEADERS[2].unpack_from(raw)
+    with open(prefix + ".idx", "wb") as f:  # the same index as version 1 wrote it: no tokenizer fingerprint
+        f.write(indexed.HEADERS[1].pack(magic, 1, *counts) + raw[indexed.HEADERS[2].size:])
+    ds = IndexedDataset(prefix)
+    assert [ds.doc(i).tolist() for i in range(2)] == [[1, 2, 3], [4, 5]] and ds.tokenizer_fingerprint is None
 
 
 # ---- GPT samples --------------------------------------------------------------------------------
@@ -177,8 +214,9 @@ def test_build_datasets_splits_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"test split of .*d \(0 of 100 documents, --split 90,10,0\) has no documents"):
         test[0]
     with pytest.raises(ValueError, match="vocabulary of 100 but the tokenizer has 50"):
-        build_datasets(prefix, "1", 8, 3, EOD, tokenizer_vocab_size=50)
-    with pytest.raises(ValueError, match="does not end with the EOD id 5"):
+        build_datasets(prefix, "1", 8, 3, EOD, tokenizer=SimpleNamespace(vocab_size=50, fingerprint=None,
+                                                                          model_path="t.model"))
+    with pytest.raises(ValueError, match="does not end with the EOD id 5.*" + rebuild(prefix)):
         build_datasets(prefix, "1", 8, 3, 5)
 
 
@@ -203,7 +241,7 @@ def test_preprocess_txt_and_jsonl(tmp_path, corpus):
     assert preprocess_main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
                             "--tokenizer-model", model, "--output-prefix", out]) == 0
     ds = IndexedDataset(out)
-    assert ds.vocab_size == tok.vocab_size
+    assert ds.vocab_size == tok.vocab_size and ds.tokenizer_fingerprint == tok.fingerprint
     texts = [a] + [r["text"] for r in records]
     assert len(ds) == 4
     for i, text in enumerate(texts):
@@ -240,7 +278,7 @@ def test_default_corpus_builds_once_and_is_reused(corpus):
     assert later == [f"default corpus: using the cache at {cache}"]
     assert os.path.getmtime(prefix + ".bin") == mtime
     tok = Tokenizer(model)
-    train, valid, _ = build_datasets(prefix, "8,2,0", 64, 1234, tok.eod, tokenizer_vocab_size=tok.vocab_size)
+    train, valid, _ = build_datasets(prefix, "8,2,0", 64, 1234, tok.eod, tokenizer=tok)
     assert len(train) > 0 and valid.num_documents > 0
     assert tok.decode(train[0]["tokens"].tolist())  # real text comes back
     with pytest.raises(RuntimeError, match="was built with .*delete the directory"):
@@ -255,3 +293,21 @@ def test_default_corpus_race_loser_uses_winner(corpus):
     assert "another process built" in logs[-1]
     assert sorted(os.listdir(os.path.dirname(cache))) == ["corpus", "corpus.lock"]  # its temp dir is gone
     assert ensure_default_corpus(cache, lambda m: None, max_bytes=150_000, vocab_size=500) == (prefix, model)
+
+
+@pytest.mark.fault("bad-data")
+def test_data_built_with_another_tokenizer(tmp_path, corpus):
+    _, prefix, model, _ = corpus
+    tok = Tokenizer(model)
+    text = tmp_path / "other.txt"
+    text.write_text(pathlib.Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text() * 3)
+    other = Tokenizer(train_tokenizer([str(text)], str(tmp_path / "other"), tok.vocab_size))
+    assert (other.vocab_size, other.eod) == (tok.vocab_size, tok.eod)  # only the fingerprint tells them apart
+    with pytest.raises(DatasetFormatError, match=re.escape(f"{prefix}.idx was written by another tokenizer than "
+                                                           f"{other.model_path}") + ".*" + rebuild(prefix, re.escape(other.model_path))):
+        build_datasets(prefix, "1", 8, 3, other.eod, tokenizer=other)
+    smaller = Tokenizer(train_tokenizer([str(text)], str(tmp_path / "small"), 400))
+    with pytest.raises(DatasetFormatError, match=f"vocabulary of {tok.vocab_size} but the tokenizer has 400 "
+                                                 r"\(.*small\.model\): the data was built with another tokenizer.*" + rebuild(prefix)):
+        build_datasets(prefix, "1", 8, 3, smaller.eod, tokenizer=smaller)
+    assert len(build_datasets(prefix, "1", 8, 3, tok.eod, tokenizer=tok)[0]) > 0

@@ -1,12 +1,20 @@
 """End-to-end training: DP parity, bitwise resume, pretrain.py under torchrun, input errors."""
 import glob
 import os
+import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 
+import numpy as np
 import pytest
+import torch.distributed as dist
 
 from megalite.config import ConfigError
+from megalite.data import indexed
+from megalite.data.tokenizer import train_tokenizer
 from megalite.training.main import main
 from pretrain_utils import ROOT, TINY, losses, train
 
@@ -61,3 +69,35 @@ def test_bad_data_and_vocab_fail_before_training(tmp_path, corpus):
     with pytest.raises(ConfigError, match="no such directory"):
         main(TINY + corpus + ["--load", str(tmp_path / "missing")])
     assert not glob.glob(str(tmp_path / "*.jsonl"))
+
+
+def _broken_copy(tmp_path, corpus, fault):
+    """The test corpus copied with one fault; returns (data flags, the copy's prefix)."""
+    prefix, tok = str(tmp_path / "data"), corpus[3]
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpus[1] + ext, prefix + ext)
+    if fault == "truncated-bin":
+        os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 2)
+    elif fault == "corrupt-idx":  # the second document's offset overwritten
+        with open(prefix + ".idx", "r+b") as f:
+            f.seek(indexed.HEADERS[indexed.VERSION].size + 8)
+            f.write(np.int64(1).tobytes())
+    else:  # a tokenizer of the same size trained on other text
+        text = tmp_path / "other.txt"
+        text.write_text(pathlib.Path(sysconfig.get_paths()["stdlib"], "string.py").read_text() * 3)
+        tok = train_tokenizer([str(text)], str(tmp_path / "other"), 512)
+    return ["--data-path", prefix, "--tokenizer-model", tok], prefix
+
+
+@pytest.mark.fault("bad-data")
+@pytest.mark.parametrize("fault, message", [
+    ("truncated-bin", r"data\.bin is \d+ bytes but .*data\.idx describes .*truncated"),
+    ("corrupt-idx", r"data\.idx has document offsets/sizes that do not tile"),
+    ("other-tokenizer", r"data\.idx was written by another tokenizer than .*other\.model"),
+])
+def test_bad_data_fails_naming_file_and_fix_before_any_collective(tmp_path, corpus, fault, message):
+    data, prefix = _broken_copy(tmp_path, corpus, fault)
+    rebuild = r"python -m megalite\.data\.preprocess --input FILES --tokenizer-model \S+ --output-prefix "
+    with pytest.raises(indexed.DatasetFormatError, match=message + ".*" + rebuild + re.escape(prefix)):
+        main(TINY + data + ["--log-dir", str(tmp_path / "log")])
+    assert not dist.is_initialized() and not (tmp_path / "log").exists()

@@ -20,7 +20,7 @@ Documents are split into train/valid/test as contiguous ranges in file order, si
 import numpy as np
 import torch
 
-from .indexed import IndexedDataset
+from .indexed import DatasetFormatError, IndexedDataset, check_tokenizer, rebuild_hint
 
 _DOCS, _SAMPLES = 0, 1  # seed streams for document order and sample order
 _CACHE = 4  # epochs / sample blocks kept; a window rarely spans more than two
@@ -64,9 +64,10 @@ class GPTDataset(torch.utils.data.Dataset):
         bad = np.concatenate([np.flatnonzero(sizes == 0),
                               probe[indexed.tokens[np.maximum(ends, 0)] != eod]]) if len(sizes) else probe
         if bad.size:
-            raise ValueError(f"document {self.doc_ids[bad[0]]} of {indexed.prefix} does not end with the EOD id "
-                             f"{eod} (or is empty): the data was preprocessed with another tokenizer, or "
-                             f"without EOD; pass the --tokenizer-model used by preprocess")
+            raise DatasetFormatError(f"document {self.doc_ids[bad[0]]} of {indexed.prefix}.bin does not end with "
+                                     f"the EOD id {eod} (or is empty): the data was preprocessed with another tokenizer, "
+                                     f"or without EOD; pass the --tokenizer-model used by preprocess, or "
+                                     f"{rebuild_hint(indexed.prefix)}")
         self.num_tokens = int(sizes.sum(dtype=np.int64))
         self.samples_per_epoch = max(1, self.num_tokens // seq_length) if self.num_tokens else 0
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -139,12 +140,12 @@ class GPTDataset(torch.utils.data.Dataset):
 
 
 def build_datasets(data_path: str, split: str, seq_length: int, seed: int, tokenizer_eod: int, *,
-                   tokenizer_vocab_size: int | None = None, shuffle: bool = True):
-    """(train, valid, test) GPTDatasets over ``data_path`` (the PREFIX of PREFIX.bin/.idx)."""
+                   tokenizer=None, shuffle: bool = True):
+    """(train, valid, test) GPTDatasets over ``data_path`` (the PREFIX of PREFIX.bin/.idx); given the
+    ``tokenizer``, data written by another one is refused."""
     indexed = IndexedDataset(data_path)
-    if tokenizer_vocab_size is not None and tokenizer_vocab_size != indexed.vocab_size:
-        raise ValueError(f"{data_path}.idx was written with a vocabulary of {indexed.vocab_size} but the "
-                         f"tokenizer has {tokenizer_vocab_size}; pass the --tokenizer-model used by preprocess")
+    if tokenizer is not None:
+        check_tokenizer(indexed, tokenizer)
     out = []
     for name, (start, end) in zip(("train", "valid", "test"), split_bounds(len(indexed), split)):
         desc = f"the {name} split of {data_path} ({end - start} of {len(indexed)} documents, --split {split})"

@@ -1,19 +1,21 @@
 """Memory-mapped token dataset: ``PREFIX.bin`` holds the tokens, ``PREFIX.idx`` where documents lie.
 
-Format, version 1 (all little-endian)::
+Format, version 2 (all little-endian)::
 
     PREFIX.bin   every document's tokens back to back, no header; dtype uint16 when the
                  vocabulary fits (vocab_size <= 65536), else int32
-    PREFIX.idx   header, 48 bytes:
+    PREFIX.idx   header, 64 bytes:
                    magic       8 bytes  b"MGLTIDX\\0"
-                   version     uint64   1
+                   version     uint64   2
                    dtype code  uint64   1 = uint16, 2 = int32 (the .bin token type)
                    vocab size  uint64   of the tokenizer that wrote the tokens
                    num_docs    uint64   N
                    num_tokens  uint64   T (the .bin holds exactly T tokens)
+                   tokenizer   16 bytes fingerprint of that tokenizer's model (zeros: unknown)
                  offsets   int64[N]  token offset of each document's first token in .bin
                  sizes     int32[N]  tokens in each document
 
+Version 1 is the same without the fingerprint (a 48-byte header) and is still read.
 Offsets come before sizes so both arrays are naturally aligned. The builder writes both files
 under temporary names and renames ``.bin`` first, then ``.idx``: a reader that finds the
 ``.idx`` finds a complete ``.bin`` beside it. The reader checks the header, the file sizes and
@@ -26,10 +28,15 @@ import struct
 import numpy as np
 
 MAGIC = b"MGLTIDX\0"
-VERSION = 1
-_HEADER = struct.Struct("<8sQQQQQ")
+VERSION = 2
+HEADERS = {1: struct.Struct("<8sQQQQQ"), 2: struct.Struct("<8sQQQQQ16s")}  # by format version
 _DTYPES = {1: np.dtype(np.uint16), 2: np.dtype(np.int32)}
-_REBUILD = "rebuild it with: python -m megalite.data.preprocess --input FILES --tokenizer-model M --output-prefix P"
+_UNKNOWN = bytes(16)
+
+
+def rebuild_hint(prefix: str, tokenizer_model: str = "TOKENIZER.model") -> str:
+    return (f"rebuild it with: python -m megalite.data.preprocess --input FILES --tokenizer-model "
+            f"{tokenizer_model} --output-prefix {prefix}")
 
 
 class DatasetFormatError(ValueError):
@@ -48,10 +55,12 @@ class IndexedDatasetBuilder:
     removes the temporary files and publishes nothing.
     """
 
-    def __init__(self, prefix: str, vocab_size: int):
+    def __init__(self, prefix: str, vocab_size: int, tokenizer_fingerprint: bytes = _UNKNOWN):
         if vocab_size < 1 or vocab_size > 2**31:
             raise ValueError(f"vocab_size must be in [1, 2**31] (got {vocab_size})")
-        self.prefix, self.vocab_size = prefix, vocab_size
+        if len(tokenizer_fingerprint) != len(_UNKNOWN):
+            raise ValueError(f"tokenizer_fingerprint must be {len(_UNKNOWN)} bytes (got {len(tokenizer_fingerprint)})")
+        self.prefix, self.vocab_size, self.fingerprint = prefix, vocab_size, tokenizer_fingerprint
         self.dtype = token_dtype(vocab_size)
         parent = os.path.dirname(prefix)
         if parent:
@@ -81,7 +90,8 @@ class IndexedDatasetBuilder:
         np.cumsum(sizes[:-1], out=offsets[1:])
         code = 1 if self.dtype == _DTYPES[1] else 2
         with open(self.prefix + ".idx" + self._tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, code, self.vocab_size, len(sizes), int(sizes.sum(dtype=np.int64))))
+            f.write(HEADERS[VERSION].pack(MAGIC, VERSION, code, self.vocab_size, len(sizes),
+                                          int(sizes.sum(dtype=np.int64)), self.fingerprint))
             f.write(offsets.tobytes())
             f.write(sizes.tobytes())
         os.replace(self.prefix + ".bin" + self._tmp, self.prefix + ".bin")
@@ -108,42 +118,52 @@ class IndexedDataset:
     def __init__(self, prefix: str):
         self.prefix = prefix
         idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+        rebuild = rebuild_hint(prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
                 raise DatasetFormatError(f"dataset file {path} is missing; --data-path takes the prefix "
-                                         f"without .bin/.idx, or {_REBUILD}")
+                                         f"without .bin/.idx, or {rebuild}")
         with open(idx_path, "rb") as f:
-            head = f.read(_HEADER.size)
-        if len(head) < _HEADER.size:
-            raise DatasetFormatError(f"{idx_path} is truncated ({len(head)} bytes, header needs {_HEADER.size}); {_REBUILD}")
-        magic, version, code, self.vocab_size, n, total = _HEADER.unpack(head)
+            head = f.read(max(h.size for h in HEADERS.values()))
+        def truncated(need: int) -> DatasetFormatError:
+            return DatasetFormatError(f"{idx_path} is truncated ({len(head)} bytes, its header needs {need}); {rebuild}")
+        if len(head) < 16:
+            raise truncated(HEADERS[VERSION].size)
+        magic, version = struct.unpack_from("<8sQ", head)
         if magic != MAGIC:
-            raise DatasetFormatError(f"{idx_path} is not a megalite index (magic {magic!r}); {_REBUILD}")
-        if version != VERSION:
-            raise DatasetFormatError(f"{idx_path} has format version {version}, this megalite reads {VERSION}; {_REBUILD}")
+            raise DatasetFormatError(f"{idx_path} is not a megalite index (magic {magic!r}); {rebuild}")
+        header = HEADERS.get(version)
+        if header is None:
+            raise DatasetFormatError(f"{idx_path} has format version {version}, this megalite reads "
+                                     f"{' or '.join(map(str, HEADERS))}; {rebuild}")
+        if len(head) < header.size:
+            raise truncated(header.size)
+        _, _, code, self.vocab_size, n, total, *fingerprint = header.unpack_from(head)
+        # What wrote the tokens, when the index says (format 2 and a known tokenizer), else None.
+        self.tokenizer_fingerprint = fingerprint[0] if fingerprint and fingerprint[0] != _UNKNOWN else None
         if code not in _DTYPES:
-            raise DatasetFormatError(f"{idx_path} has unknown token dtype code {code}; {_REBUILD}")
+            raise DatasetFormatError(f"{idx_path} has unknown token dtype code {code}; {rebuild}")
         if n == 0 or total == 0:
             raise DatasetFormatError(f"dataset {prefix} is empty ({n} documents, {total} tokens); "
                                      f"preprocess non-empty input")
         self.dtype = _DTYPES[code]
-        expect = _HEADER.size + n * 12
+        expect = header.size + n * 12
         if os.path.getsize(idx_path) != expect:
             raise DatasetFormatError(f"{idx_path} is {os.path.getsize(idx_path)} bytes, its header implies "
-                                     f"{expect}: truncated or corrupt; {_REBUILD}")
+                                     f"{expect}: truncated or corrupt; {rebuild}")
         expect = total * self.dtype.itemsize
         if os.path.getsize(bin_path) != expect:
             raise DatasetFormatError(f"{bin_path} is {os.path.getsize(bin_path)} bytes but {idx_path} describes "
                                      f"{total} {self.dtype.name} tokens ({expect} bytes): truncated or from another "
-                                     f"build; {_REBUILD}")
+                                     f"build; {rebuild}")
         idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        self.offsets = idx[_HEADER.size:_HEADER.size + 8 * n].view(np.int64)
-        self.sizes = idx[_HEADER.size + 8 * n:].view(np.int32)
+        self.offsets = idx[header.size:header.size + 8 * n].view(np.int64)
+        self.sizes = idx[header.size + 8 * n:].view(np.int32)
         ends = np.cumsum(self.sizes, dtype=np.int64)
         if (self.sizes < 0).any() or ends[-1] != total or self.offsets[0] != 0 \
                 or not np.array_equal(self.offsets[1:], ends[:-1]):
             raise DatasetFormatError(f"{idx_path} has document offsets/sizes that do not tile the {total} tokens "
-                                     f"of {bin_path} (out-of-range or overlapping); {_REBUILD}")
+                                     f"of {bin_path} (out-of-range or overlapping); {rebuild}")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r")
         self.num_tokens = int(total)
 
@@ -163,3 +183,17 @@ class IndexedDataset:
             raise IndexError(f"document {i} out of range for {len(self)} documents in {self.prefix}")
         start = int(self.offsets[i])
         return self.tokens[start:start + int(self.sizes[i])]
+
+
+def check_tokenizer(ds: IndexedDataset, tokenizer) -> None:
+    """Refuse a dataset written by another tokenizer than ``tokenizer`` (a data.tokenizer.Tokenizer)."""
+    rebuild = rebuild_hint(ds.prefix, tokenizer.model_path)
+    if ds.vocab_size != tokenizer.vocab_size:
+        raise DatasetFormatError(f"{ds.prefix}.idx was written with a vocabulary of {ds.vocab_size} but the tokenizer "
+                                 f"has {tokenizer.vocab_size} ({tokenizer.model_path}): the data was built with "
+                                 f"another tokenizer; pass the --tokenizer-model used by preprocess, or {rebuild}")
+    if ds.tokenizer_fingerprint and tokenizer.fingerprint and ds.tokenizer_fingerprint != tokenizer.fingerprint:
+        raise DatasetFormatError(f"{ds.prefix}.idx was written by another tokenizer than {tokenizer.model_path} "
+                                 f"(fingerprint {ds.tokenizer_fingerprint.hex()}, this one "
+                                 f"{tokenizer.fingerprint.hex()}); pass the --tokenizer-model used by "
+                                 f"preprocess, or {rebuild}")

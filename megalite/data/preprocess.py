@@ -95,7 +95,7 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, output_prefix: str) -> t
     """Encode ``texts`` (one document each) + EOD into ``output_prefix``.bin/.idx; (documents, tokens)."""
     docs = tokens = 0
     texts = iter(texts)
-    with IndexedDatasetBuilder(output_prefix, tok.vocab_size) as builder:
+    with IndexedDatasetBuilder(output_prefix, tok.vocab_size, tok.fingerprint) as builder:
         while batch := list(itertools.islice(texts, _BATCH)):
             for ids in tok.encode_batch(batch):
                 ids.append(tok.eod)

@@ -13,6 +13,7 @@ CLI::
 """
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -32,6 +33,8 @@ class Tokenizer:
         self.model_path = model_path
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = self._sp.get_piece_size()
+        # Identifies the model (its serialized proto), stored in the .idx of the data it encodes.
+        self.fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).digest()[:16]
         self.eod = self._sp.eos_id()
         if self.eod < 0:
             raise ValueError(

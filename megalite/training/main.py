@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     if ckpt_dir is not None:
         checkpoint.check_compatible(checkpoint.read_meta(ckpt_dir), cfg, vocab, ckpt_dir)
     train_set, valid_set, _ = build_datasets(prefix, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-                                             tokenizer.eod, tokenizer_vocab_size=tokenizer.vocab_size)
+                                             tokenizer.eod, tokenizer=tokenizer)
     train_set.check_nonempty()
     if cfg.train.eval_iters > 0 and cfg.train.eval_interval:
         valid_set.check_nonempty()
