@@ -76,7 +76,7 @@ def test_bad_config_file_fails_naming_the_key_before_any_collective(tmp_path, na
 
 
 @pytest.mark.fault("bad-config")
-def test_bad_config_file_through_pretrain_py(tmp_path):
+def test_bad_config_file_through_pretrain_py(tmp_path, record_property):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"tensor-parallel-size": 0}))
     # A value given on the command line is the one the error is about: no blame on the file.
@@ -87,6 +87,8 @@ def test_bad_config_file_through_pretrain_py(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"megalite: error: --config {path}: micro_batch_size must be an integer (got 'two')" in proc.stderr
+    record_property("observed", "unknown key, wrong type, bad choice or bad value: ConfigError naming the key "
+                                f"and the file; pretrain.py exits {proc.returncode}")
 
 
 @pytest.mark.parametrize("argv, message", [

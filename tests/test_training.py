@@ -95,9 +95,11 @@ def _broken_copy(tmp_path, corpus, fault):
     ("corrupt-idx", r"data\.idx has document offsets/sizes that do not tile"),
     ("other-tokenizer", r"data\.idx was written by another tokenizer than .*other\.model"),
 ])
-def test_bad_data_fails_naming_file_and_fix_before_any_collective(tmp_path, corpus, fault, message):
+def test_bad_data_fails_naming_file_and_fix_before_any_collective(tmp_path, corpus, fault, message, record_property):
     data, prefix = _broken_copy(tmp_path, corpus, fault)
     rebuild = r"python -m megalite\.data\.preprocess --input FILES --tokenizer-model \S+ --output-prefix "
-    with pytest.raises(indexed.DatasetFormatError, match=message + ".*" + rebuild + re.escape(prefix)):
+    with pytest.raises(indexed.DatasetFormatError, match=message + ".*" + rebuild + re.escape(prefix)) as err:
         main(TINY + data + ["--log-dir", str(tmp_path / "log")])
     assert not dist.is_initialized() and not (tmp_path / "log").exists()
+    named = re.search(r"data\.(bin|idx)", str(err.value)).group(0)
+    record_property("observed", f"{fault}: error names {named} and the rebuild command")
