@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megalite import config as C
+from megalite import config as C, distributed
 from megalite.model import GPT
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import parallelize, unwrap
@@ -75,6 +75,14 @@ def dir_bytes(path: str) -> tuple[int, int]:
 def run(rank, world, store_path, root, hiddens, repeats, out):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     torch.set_num_threads(1)
+    results = measure(world, root, hiddens, repeats)
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(results, fh)
+    distributed.shutdown()  # after measure() returned: its models and mesh are gone
+
+
+def measure(world, root, hiddens, repeats) -> list[dict]:
     results = []
     for hidden in hiddens:
         tp = 2 if world == 4 else 1
@@ -98,10 +106,7 @@ def run(rank, world, store_path, root, hiddens, repeats, out):
                 lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, flat), repeats)
             row["baseline_bytes"] = os.path.getsize(flat)
         results.append(row)
-    if rank == 0:
-        with open(out, "w") as fh:
-            json.dump(results, fh)
-    dist.destroy_process_group()
+    return results
 
 
 def spawn(world, root, hiddens, repeats):

@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import megalite.parallel.all_gather_attention as all_gather_attention
+from megalite import distributed
 from megalite.config import ModelConfig
 from megalite.model import GPT, rope_tables
 from megalite.ops.attention import get_backend
@@ -54,7 +55,7 @@ def _entry(rank, world, fn, args, tmp):
     if rank == 0:
         torch.save(out, os.path.join(tmp, "result.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 def spawn(fn, world, *args):

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megalite import distributed
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -44,7 +46,7 @@ def worker(rank, world, argv, tmp):
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as fh:
         json.dump(dict(rank=rank, wall_s=wall, peak_rss_gib=peak / 2**20, start_rss_gib=base / 2**20), fh)
     dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 def run(seq, a):

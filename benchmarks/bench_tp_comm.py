@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megalite import distributed
 from megalite.config import ModelConfig, head_dim
 from megalite.model import GPT, rope_tables
 from megalite.parallel.apply_tp import apply_tp
@@ -120,7 +121,7 @@ def worker(rank, a, store_dir):
                 results.append(run_case(name, cfg, group, sp, a))
     if rank == 0:
         report(results, a)
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 def report(results, a):

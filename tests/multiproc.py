@@ -7,6 +7,7 @@ otherwise surfaces as "connection reset" on the others.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -15,26 +16,30 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megalite import distributed
+
 COLLECTIVE_TIMEOUT_S = 60
 
 
 def _entry(rank, world, fn, tmp, args):
     torch.set_num_threads(1)
     err = os.path.join(tmp, f"rank{rank}.err")
+    failed = False
     try:
         store = dist.FileStore(os.path.join(tmp, "store"), world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         fn(rank, world, *args)
-        dist.barrier()
+        if dist.is_initialized():  # fn may have torn the groups down itself
+            dist.barrier()
     except BaseException:
         with open(err + ".tmp", "w") as fh:  # renamed into place: the parent never reads half a file
             fh.write(f"{time.time():.6f}\n{traceback.format_exc()}")
         os.replace(err + ".tmp", err)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        failed = True
+    distributed.shutdown()  # outside the except: its traceback would keep fn's groups alive
+    if failed:
+        sys.exit(1)
 
 
 def run_ranks(fn, world: int, tmp, *args, timeout: float = 300):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -115,11 +116,19 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
+    """Run main() and exit with its code: 0 done, 2 configuration error, 1 any other failure.
+
+    Failures are reported, then dropped before the process groups are torn down: a live
+    traceback would keep the model and the mesh (and with them the groups) alive past
+    distributed.shutdown(), into interpreter exit."""
     try:
         code = main()
     except ConfigError as exc:
-        print(f"megalite: error: {exc}", file=sys.stderr)
+        print(f"megalite: error: {exc}", file=sys.stderr, flush=True)
         code = 2
-    finally:
-        distributed.shutdown()
+    except (Exception, KeyboardInterrupt) as exc:  # reported here; the exit code carries it
+        traceback.print_exc()
+        sys.stderr.flush()
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    distributed.shutdown()
     sys.exit(code)
