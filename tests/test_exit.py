@@ -6,6 +6,7 @@ megalite.distributed.shutdown. A race like that hides from a single run, hence t
 """
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,17 @@ def test_shutdown_leaves_no_device_mesh_alive(tmp_path, corpus):
     shutdown() returns, so none of its groups is left for interpreter teardown to destroy."""
     argv = TINY + SHORT + corpus + ["--context-parallel-size", "2", "--log-dir", str(tmp_path / "log")]
     run_ranks(_no_mesh_survives, 2, tmp_path / "spawn", argv)
+
+
+@pytest.mark.fault("clean-exit-soak")
+def test_data_error_exits_2_with_the_file_named(tmp_path, corpus):
+    data, tok = corpus[corpus.index("--data-path") + 1], corpus[corpus.index("--tokenizer-model") + 1]
+    for ext in (".bin", ".idx"):
+        shutil.copy(data + ext, tmp_path / f"short{ext}")
+    with open(tmp_path / "short.bin", "r+b") as fh:
+        fh.truncate(os.path.getsize(data + ".bin") // 2)
+    argv = ["--data-path", str(tmp_path / "short"), "--tokenizer-model", tok]
+    code, out = torchrun(tmp_path, "short", 2, argv)
+    assert code != 0 and "short.bin" in out and "megalite: error:" in out, out[-3000:]
+    assert "exitcode  : 2" in out and "DatasetFormatError" not in out, out[-3000:]  # a message, not a traceback
+    assert not any(s in out for s in ABORTED), out[-3000:]

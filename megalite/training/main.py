@@ -17,7 +17,7 @@ from .. import config as C
 from .. import distributed
 from ..config import ConfigError
 from ..data.gpt_dataset import build_datasets
-from ..data.indexed import IndexedDataset
+from ..data.indexed import DatasetFormatError, IndexedDataset
 from ..data.tokenizer import Tokenizer
 from ..model import GPT
 from ..parallel.dims import ParallelDims, check_layout
@@ -116,14 +116,14 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """Run main() and exit with its code: 0 done, 2 configuration error, 1 any other failure.
+    """Run main() and exit with its code: 0 done, 2 configuration or data error, 1 any other failure.
 
     Failures are reported, then dropped before the process groups are torn down: a live
     traceback would keep the model and the mesh (and with them the groups) alive past
     distributed.shutdown(), into interpreter exit."""
     try:
         code = main()
-    except ConfigError as exc:
+    except (ConfigError, DatasetFormatError) as exc:  # the message says what to change
         print(f"megalite: error: {exc}", file=sys.stderr, flush=True)
         code = 2
     except (Exception, KeyboardInterrupt) as exc:  # reported here; the exit code carries it
