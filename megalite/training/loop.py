@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .logging import flops_per_token, memory_gib
+from .metrics import flops_per_token, memory_gib
 from .nonfinite import NonFiniteError, check_skips, save_refusal, step_flags
 from .optim import clip_grad_norm, lr_at, set_lr
 from ..parallel.zigzag import zigzag_split

@@ -23,7 +23,7 @@ from ..model import GPT
 from ..parallel.dims import ParallelDims, check_layout
 from ..parallel.parallelize import parallelize, unwrap, validate_layout
 from . import checkpoint
-from .logging import MetricsLogger, peak_tflops
+from .metrics import MetricsLogger, peak_tflops
 from .loop import TrainState, train
 from .optim import build_optimizer
 

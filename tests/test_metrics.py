@@ -2,7 +2,7 @@ import glob
 import json
 
 from megalite import config as C
-from megalite.training.logging import MetricsLogger, format_line
+from megalite.training.metrics import MetricsLogger, format_line
 
 
 def record(i):
