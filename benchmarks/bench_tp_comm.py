@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megalite import distributed
-from megalite.config import ModelConfig, head_dim
+from megalite.config import ModelConfig
 from megalite.model import GPT, rope_tables
 from megalite.parallel.apply_tp import apply_tp
 from megalite.parallel.comm import CommCounter
@@ -92,7 +92,7 @@ def run_case(name, cfg, group, sp, a):
     s_local = a.seq // tp if sp else a.seq
     x = torch.randn(s_local, a.batch, a.hidden, requires_grad=True)
     pos = torch.arange(a.seq).expand(a.batch, a.seq)
-    rope = rope_tables(pos, head_dim(cfg), cfg.rotary_base)
+    rope = rope_tables(pos, cfg.head_dim, cfg.rotary_base)
     records, saved = measure_layer(block, x, rope)
 
     sbh_bytes = a.seq * a.batch * a.hidden * x.element_size()

@@ -54,6 +54,25 @@ class ModelConfig:
     recompute_granularity: Optional[str] = _f(None, "--recompute-granularity", "activation recompute", choices=["full", "selective"])
     use_flash_attn: bool = _f(False, "--use-flash-attn", "require flash-attn (error when missing)")
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads: --num-query-groups under GQA, else one per attention head."""
+        return self.num_query_groups if self.group_query_attention and self.num_query_groups else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP width: --ffn-hidden-size, else 4h, or with SwiGLU 8h/3 rounded up to 64 (about the
+        parameter count of the 4h GELU MLP, rounded like Llama)."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return 64 * ((int(8 * self.hidden_size / 3) + 63) // 64)
+        return 4 * self.hidden_size
+
 
 @dataclass
 class ParallelConfig:
@@ -241,7 +260,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("--group-query-attention needs --num-query-groups")
     elif m.num_query_groups not in (None, m.num_attention_heads):
         raise ConfigError("--num-query-groups given without --group-query-attention; add the flag")
-    groups = num_query_groups(m)
+    groups = m.num_kv_heads
     if m.num_attention_heads % groups:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                           f"--num-query-groups {groups}")
@@ -264,8 +283,8 @@ def validate(cfg: Config) -> None:
                       ("--num-layers", m.num_layers), ("--seq-length", m.seq_length)]:
         if val < 1:
             raise ConfigError(f"{name} must be >= 1 (got {val})")
-    if m.position_embedding_type == "rope" and head_dim(m) % 2:
-        raise ConfigError(f"RoPE rotates pairs of channels: head dim {head_dim(m)} must be even "
+    if m.position_embedding_type == "rope" and m.head_dim % 2:
+        raise ConfigError(f"RoPE rotates pairs of channels: head dim {m.head_dim} must be even "
                           "(set --kv-channels or --hidden-size / --num-attention-heads accordingly)")
     if cfg.logging.log_interval < 1:
         raise ConfigError(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
@@ -277,22 +296,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval given without --save DIR")
-
-
-def num_query_groups(m: ModelConfig) -> int:
-    return m.num_query_groups if m.group_query_attention and m.num_query_groups else m.num_attention_heads
-
-
-def head_dim(m: ModelConfig) -> int:
-    return m.kv_channels or m.hidden_size // m.num_attention_heads
-
-
-def ffn_hidden_size(m: ModelConfig) -> int:
-    if m.ffn_hidden_size:
-        return m.ffn_hidden_size
-    if m.swiglu:  # keep parameter count near 4h GELU, rounded like Llama
-        return 64 * ((int(8 * m.hidden_size / 3) + 63) // 64)
-    return 4 * m.hidden_size
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

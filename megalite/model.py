@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig, ffn_hidden_size, head_dim, num_query_groups, padded_vocab_size
+from .config import ModelConfig, padded_vocab_size
 from .ops.attention import causal_attention
 from .ops.norm import build_norm
 
@@ -69,8 +69,8 @@ class CoreAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        heads, groups = cfg.num_attention_heads, num_query_groups(cfg)
-        self.heads_per_group, self.head_dim = heads // groups, head_dim(cfg)
+        heads, groups = cfg.num_attention_heads, cfg.num_kv_heads
+        self.heads_per_group, self.head_dim = heads // groups, cfg.head_dim
         self.selective_recompute = cfg.recompute_granularity == "selective"
         # Rows grouped per query group: [q heads of g0, k0, v0 | q heads of g1, k1, v1 | ...],
         # so a contiguous row block (one TP rank's) holds whole groups.
@@ -103,7 +103,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        ffn, bias = ffn_hidden_size(cfg), cfg.add_bias_linear
+        ffn, bias = cfg.ffn_size, cfg.add_bias_linear
         self.fc1 = nn.Linear(cfg.hidden_size, ffn, bias=bias)
         self.gate = nn.Linear(cfg.hidden_size, ffn, bias=bias) if cfg.swiglu else None
         self.fc2 = nn.Linear(ffn, cfg.hidden_size, bias=bias)
@@ -220,7 +220,7 @@ class GPT(nn.Module):
         x = self.embedding(tokens, position_ids)
         rope = None  # cos/sin tables, computed once per forward and shared by all layers
         if self.cfg.position_embedding_type == "rope":
-            rope = rope_tables(position_ids, head_dim(self.cfg), self.cfg.rotary_base)
+            rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rotary_base)
         for layer in self.layers:
             if self.full_recompute and self.training:
                 x = checkpoint(layer, x, rope, use_reentrant=False)

@@ -23,12 +23,12 @@ def test_megatron_flags_parse_into_sections():
                    "--untie-embeddings-and-output-weights", "--lr", "3e-4", "--bf16",
                    "--tensor-parallel-size", "2", "--sequence-parallel", "--save", "/tmp/x",
                    "--wandb-project", "p", "--lr-decay-style", "linear", "--disable-bias-linear"])
-    assert (cfg.model.num_layers, cfg.model.hidden_size, C.num_query_groups(cfg.model)) == (3, 96, 2)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_kv_heads) == (3, 96, 2)
     assert cfg.model.swiglu and cfg.model.untie_embeddings_and_output_weights and not cfg.model.add_bias_linear
     assert cfg.train.lr == 3e-4 and cfg.train.bf16 and cfg.train.lr_decay_style == "linear"
     assert cfg.parallel.tensor_parallel_size == 2 and cfg.parallel.sequence_parallel
     assert cfg.checkpoint.save == "/tmp/x" and cfg.logging.wandb_project == "p"
-    assert C.ffn_hidden_size(cfg.model) % 64 == 0
+    assert cfg.model.ffn_size % 64 == 0
 
 
 def test_config_file_gives_defaults_and_flags_win(tmp_path):

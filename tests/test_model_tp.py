@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megalite.config import ConfigError, ModelConfig, num_query_groups
+from megalite.config import ConfigError, ModelConfig
 from megalite.model import GPT
 from megalite.parallel.apply_tp import apply_tp, validate_tp
 from megalite.parallel.comm import CommCounter
@@ -86,7 +86,7 @@ def _check_one(kw, group, sp):
         hook.remove()
     assert set(seen) == {SEQ // tp if sp else SEQ}
     # Each rank attends over its share of the query heads and KV heads.
-    assert set(heads) == {(cfg.num_attention_heads // tp, num_query_groups(cfg) // tp)}, tag
+    assert set(heads) == {(cfg.num_attention_heads // tp, cfg.num_kv_heads // tp)}, tag
     for g, w in zip(got, want):
         assert_close(g, w, msg=tag)
 

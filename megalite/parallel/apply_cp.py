@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, num_query_groups
+from ..config import ConfigError, ModelConfig
 from .all_gather_attention import all_gather_attention
 from .ring_attention import ring_attention
 from .ulysses_attention import ulysses_attention
@@ -34,7 +34,7 @@ def validate_cp(model_cfg: ModelConfig, cp: int, comm_type: str, tp: int = 1) ->
         raise ConfigError("--attention-dropout is not supported with context parallelism "
                           "(the CP attention kernels run without dropout); set --attention-dropout 0")
     if comm_type == "a2a":
-        heads, groups = model_cfg.num_attention_heads // tp, num_query_groups(model_cfg) // tp
+        heads, groups = model_cfg.num_attention_heads // tp, model_cfg.num_kv_heads // tp
         if heads % cp or groups % cp:
             raise ConfigError(
                 f"--cp-comm-type a2a splits attention heads over CP ranks: query heads per TP rank ({heads}) "

@@ -38,7 +38,7 @@ import warnings
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, ffn_hidden_size, num_query_groups
+from ..config import ConfigError, ModelConfig
 from .comm import all_reduce_grad_hook
 from .tensor_parallel import (ColumnParallelLinear, PerRankDropoutAttention, RowParallelLinear,
                               SequenceScatteredEmbedding, VocabParallelEmbedding, enter_region, split_dim,
@@ -57,8 +57,8 @@ def validate_tp(model_cfg: ModelConfig, tp: int, sequence_parallel: bool, cp: in
     m = model_cfg
     checks = [("--num-attention-heads", m.num_attention_heads),
               ("--num-query-groups" if m.group_query_attention else "--num-attention-heads (query groups)",
-               num_query_groups(m)),
-              ("--ffn-hidden-size", ffn_hidden_size(m))]
+               m.num_kv_heads),
+              ("--ffn-hidden-size", m.ffn_size)]
     for flag, value in checks:
         if value % tp:
             raise ConfigError(f"{flag} {value} is not divisible by --tensor-parallel-size {tp}; "

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..config import Config, ConfigError, head_dim
+from ..config import Config, ConfigError
 from ..ops.attention import fused_kernel_fits
 from .apply_cp import apply_cp, validate_cp
 from .apply_tp import apply_tp, validate_tp
@@ -29,7 +29,7 @@ def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
     validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel, cp=dims_cp)
     if dims_cp > 1:
         validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp)
-        d = head_dim(cfg.model)
+        d = cfg.model.head_dim
         if on_cuda and not fused_kernel_fits(torch.bfloat16 if cfg.train.bf16 else torch.float32, d):
             # fp32 (or odd head dims) would fall back to the math block attention, which holds
             # every block's full score matrix: exactly what long-context training cannot afford.

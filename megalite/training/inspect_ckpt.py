@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, ModelConfig
 from . import checkpoint
 
 
@@ -27,7 +27,7 @@ def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
     lay, m, t = meta["layout"], meta["model"], meta["tensors"]
     params = sum(math.prod(e["shape"][1:]) * e.get("real", e["shape"][0])
                  for k, e in t.items() if k.startswith("model/"))
-    groups = m["num_query_groups"] if m["group_query_attention"] else m["num_attention_heads"]
+    groups = ModelConfig(**m).num_kv_heads
     lines = [f"{ckpt_dir}:",
              f"  iteration {meta['iteration']}, consumed samples {meta['consumed_samples']}, "
              f"global batch {meta['global_batch_size']}, seed {meta['seed']}",
