@@ -1,8 +1,10 @@
 """Command-line configuration with Megatron-LM flag names, parsed into nested dataclasses.
 
 Each dataclass field carries its flag in ``metadata``; the parser is generated from the
-fields, so a flag is declared exactly once. ``--config FILE`` (JSON or TOML) supplies
-defaults that explicit flags override; keys are flag names with or without dashes.
+fields, so a flag is declared exactly once. Every boolean takes ``--flag`` and ``--no-flag``
+(plus Megatron's spelling of the negative where it has one: ``--disable-bias-linear``).
+``--config FILE`` (JSON or TOML) supplies defaults that explicit flags override; keys are flag
+names with or without dashes, booleans are true/false.
 ``validate`` checks everything that does not need the world size; ``ParallelDims.build``
 checks the rest. Both run before any collective.
 """
@@ -45,7 +47,7 @@ class ModelConfig:
     position_embedding_type: str = _f("rope", "--position-embedding-type", "positions", choices=["rope", "learned_absolute"])
     rotary_base: float = _f(10000.0, "--rotary-base", "RoPE base")
     untie_embeddings_and_output_weights: bool = _f(False, "--untie-embeddings-and-output-weights", "separate output layer")
-    add_bias_linear: bool = _f(True, "--add-bias-linear", "biases in linear layers (see --disable-bias-linear)")
+    add_bias_linear: bool = _f(True, "--add-bias-linear", "biases in linear layers", negative="--disable-bias-linear")
     init_method_std: float = _f(0.02, "--init-method-std", "init std of weights")
     attention_dropout: float = _f(0.0, "--attention-dropout", "attention probability dropout")
     hidden_dropout: float = _f(0.0, "--hidden-dropout", "residual-branch dropout")
@@ -153,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
             md = f.metadata
-            if f.type in ("bool", bool):
-                g.add_argument(md["flag"], dest=f.name, action="store_true", default=None, help=md["help"])
+            if _is_bool(f):  # --flag / --no-flag, plus the Megatron spelling of the negative if any
+                g.add_argument(md["flag"], dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{md['help']} (default: {'on' if f.default else 'off'})")
+                if "negative" in md:
+                    g.add_argument(md["negative"], dest=f.name, action="store_false", default=None,
+                                   help=f"same as --no-{md['flag'][2:]} (Megatron-LM spelling)")
                 continue
             g.add_argument(md["flag"], dest=f.name, type=_value_type(f), default=None, choices=md.get("choices"), help=md["help"])
-    p.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -166,10 +170,16 @@ def _value_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str}[str(f.type).replace("Optional[", "").rstrip("]")]
 
 
+def _is_bool(f: dataclasses.Field) -> bool:
+    return f.type in ("bool", bool)
+
+
 def _load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file")
     toml = path.endswith(".toml")
+    if toml and sys.version_info < (3, 11):
+        raise ConfigError(f"--config {path}: TOML needs Python 3.11 or newer (tomllib); use a JSON file")
     with open(path, "rb") as fh:
         try:
             if toml:
@@ -198,11 +208,10 @@ def _file_argv(raw: dict, path: str) -> list[str]:
     argv = []
     for key, val in raw.items():
         f, where = fields[name[key]], f"--config {path}: {key}"
-        if f.type in ("bool", bool):
+        if _is_bool(f):
             if not isinstance(val, bool):
                 raise ConfigError(f"{where} must be true or false (got {val!r})")
-            if val != f.default:
-                argv.append(f.metadata["flag"] if val else "--disable-bias-linear")
+            argv.append(f.metadata["flag"] if val else "--no-" + f.metadata["flag"][2:])
         elif val is not None:
             argv += [f.metadata["flag"], _file_value(where, val, f)]
     return argv

@@ -170,3 +170,28 @@ def test_gpu_launch_mistakes_are_refused(monkeypatch):
     with pytest.raises(ConfigError, match="context parallel on CUDA needs --bf16"):
         validate_layout(C.parse(["--context-parallel-size", "2"]), 1, 2)
     validate_layout(C.parse(["--context-parallel-size", "2", "--bf16"]), 1, 2)
+
+
+BOOL_FIELDS = [(sec, f) for sec, cls in C._sections() for f in C.dataclasses.fields(cls) if C._is_bool(f)]
+
+
+@pytest.mark.parametrize("section, field", BOOL_FIELDS, ids=[f.name for _, f in BOOL_FIELDS])
+def test_every_boolean_can_be_set_both_ways_from_flags_and_files(tmp_path, monkeypatch, section, field):
+    monkeypatch.setattr(C, "validate", lambda cfg: None)  # parsing only: some values need companion flags
+    flag, negative = field.metadata["flag"], "--no-" + field.metadata["flag"][2:]
+    value = lambda cfg: getattr(getattr(cfg, section), field.name)  # noqa: E731
+    assert value(C.parse([])) is field.default
+    assert value(C.parse([flag])) is True and value(C.parse([negative])) is False
+    assert value(C.parse([flag, negative])) is False and value(C.parse([negative, flag])) is True  # last wins
+    for val in (True, False):
+        js, toml = tmp_path / "c.json", tmp_path / "c.toml"
+        js.write_text(json.dumps({field.metadata["flag"]: val}))
+        toml.write_text(f"{field.name} = {str(val).lower()}\n")
+        for path in (js, toml):
+            assert value(C.parse(["--config", str(path)])) is val, (path.read_text())
+            assert value(C.parse(["--config", str(path), negative if val else flag])) is (not val)  # flags win
+
+
+def test_megatron_negative_spellings():
+    assert C.parse(["--disable-bias-linear"]).model.add_bias_linear is False
+    assert C.parse(["--bf16", "--no-bf16"]).train.bf16 is False
