@@ -303,6 +303,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--global-batch-size must be >= 1 (got {t.global_batch_size})")
     if t.lr_warmup_iters > t.train_iters and t.train_iters > 0:
         raise ConfigError(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
+    if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
+        raise ConfigError(f"--lr-decay-iters must be >= 1 (got {t.lr_decay_iters})")
+    horizon = t.lr_decay_iters or t.train_iters
+    if t.lr_decay_style != "constant" and t.lr_warmup_iters and horizon <= t.lr_warmup_iters:
+        # The decay runs from the end of warmup to the horizon; an empty span is a mistake (Megatron refuses it too).
+        given = f"--lr-decay-iters {horizon}" if t.lr_decay_iters else f"--train-iters {horizon} (the default --lr-decay-iters)"
+        raise ConfigError(f"{given} must exceed --lr-warmup-iters {t.lr_warmup_iters}: the {t.lr_decay_style} decay "
+                          "runs between them; raise it, shorten the warmup, or use --lr-decay-style constant")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval given without --save DIR")
 

@@ -103,6 +103,9 @@ def test_bad_config_file_through_pretrain_py(tmp_path, record_property):
     (["--log-interval", "0"], "--log-interval must be >= 1"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
     (["--max-skipped-steps", "-1"], "--max-skipped-steps must be >= 0"),
+    (["--lr-warmup-iters", "10", "--lr-decay-iters", "10"], "--lr-decay-iters 10 must exceed --lr-warmup-iters 10"),
+    (["--lr-warmup-iters", "5", "--train-iters", "5"], r"--train-iters 5 \(the default --lr-decay-iters\) must exceed"),
+    (["--lr-decay-iters", "0"], "--lr-decay-iters must be >= 1"),
 ])
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -195,3 +198,14 @@ def test_every_boolean_can_be_set_both_ways_from_flags_and_files(tmp_path, monke
 def test_megatron_negative_spellings():
     assert C.parse(["--disable-bias-linear"]).model.add_bias_linear is False
     assert C.parse(["--bf16", "--no-bf16"]).train.bf16 is False
+
+
+def test_lr_of_iteration_k_is_schedule_k():
+    """The step producing iteration k runs at schedule(k): warmup starts at lr/warmup, not 0 (Megatron's)."""
+    from megalite.training.optim import lr_at
+    t = C.parse(["--lr", "1.0", "--min-lr", "0.1", "--lr-warmup-iters", "4", "--lr-decay-iters", "8",
+                 "--lr-decay-style", "linear", "--train-iters", "10"]).train
+    assert [lr_at(k, t) for k in range(1, 5)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(6, t) == pytest.approx(0.55) and lr_at(8, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(0.1)
+    assert lr_at(7, C.parse(["--lr", "1.0", "--lr-warmup-iters", "4", "--lr-decay-iters", "4",
+                             "--lr-decay-style", "constant"]).train) == 1.0

@@ -24,12 +24,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 
 def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """LR for the step that produces `iteration` (1-based): linear warmup, then decay to min_lr."""
+    """LR for the step that produces `iteration` (1-based): linear warmup, then decay to min_lr.
+
+    The step that produces iteration k runs at schedule(k), so the first warmup step already
+    has lr / warmup (Megatron-LM applies schedule(k - 1) and starts at 0). ``validate`` refuses
+    a decay horizon that does not exceed the warmup."""
     warm = cfg.lr_warmup_iters
     if warm and iteration <= warm:
         return cfg.lr * iteration / warm
     horizon = cfg.lr_decay_iters or cfg.train_iters
-    if cfg.lr_decay_style == "constant" or horizon <= warm:
+    if cfg.lr_decay_style == "constant":
         return cfg.lr
     frac = min(1.0, (iteration - warm) / (horizon - warm))
     if cfg.lr_decay_style == "linear":
