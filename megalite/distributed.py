@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -16,13 +15,13 @@ import torch.distributed as dist
 from .config import Config, ConfigError
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    backend: str
+def launch_env() -> tuple[int, int]:
+    """(rank, world size) before the process group exists, so layout checks can run before any
+    collective: the running group's when one is initialised (tests, embedding callers), else what
+    the launcher set (RANK / WORLD_SIZE), else a world of one."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_device(cfg: Config, local_rank: int) -> torch.device:
@@ -45,10 +44,10 @@ def check_bf16(device: torch.device) -> None:
                           "drop --bf16 (fp32) or use an Ampere-or-newer GPU")
 
 
-def init(cfg: Config) -> DistEnv:
-    """Validate device-level options, then initialise the default process group."""
+def init(cfg: Config) -> torch.device:
+    """Validate device-level options, initialise the default process group; returns this rank's device."""
     env = os.environ
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    rank, world = launch_env()
     local_rank = int(env.get("LOCAL_RANK", 0))
     device = resolve_device(cfg, local_rank)
     if cfg.train.bf16:
@@ -70,7 +69,7 @@ def init(cfg: Config) -> DistEnv:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             raise ConfigError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
-    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+    return device
 
 
 def shutdown() -> None:

@@ -103,3 +103,13 @@ def test_bad_data_fails_naming_file_and_fix_before_any_collective(tmp_path, corp
     assert not dist.is_initialized() and not (tmp_path / "log").exists()
     named = re.search(r"data\.(bin|idx)", str(err.value)).group(0)
     record_property("observed", f"{fault}: error names {named} and the rebuild command")
+
+
+def test_too_few_ranks_prints_the_torchrun_command_that_works():
+    flags = ["--context-parallel-size", "2", "--tensor-parallel-size", "2", "--seq-length", "64"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "pretrain.py", *flags], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "needs 4 ranks (or a multiple) but 1 started" in proc.stderr
+    assert "torchrun --nproc-per-node 4 pretrain.py " + " ".join(flags) + "\n" in proc.stderr

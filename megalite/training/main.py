@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import sys
 import traceback
 
 import torch
-import torch.distributed as dist
 
 from .. import config as C
 from .. import distributed
@@ -26,6 +26,18 @@ from . import checkpoint
 from .metrics import MetricsLogger, peak_tflops
 from .loop import TrainState, train
 from .optim import build_optimizer
+
+
+def check_enough_ranks(cfg: C.Config, world: int, argv) -> None:
+    """Fewer ranks than TP x CP is nearly always torchrun's default of one process per node:
+    print the launch command that works, with the user's own flags."""
+    need = cfg.parallel.tensor_parallel_size * cfg.parallel.context_parallel_size
+    if world >= need:
+        return
+    script, args = (sys.argv[0], sys.argv[1:]) if argv is None else ("pretrain.py", argv)
+    raise ConfigError(f"--tensor-parallel-size {cfg.parallel.tensor_parallel_size} x --context-parallel-size "
+                      f"{cfg.parallel.context_parallel_size} needs {need} ranks (or a multiple) but {world} started; "
+                      f"on one node run:\n  torchrun --nproc-per-node {need} {shlex.join([script, *args])}")
 
 
 def validate_world(cfg: C.Config, world: int) -> int:
@@ -68,8 +80,8 @@ def vocab_size_for(cfg: C.Config, tokenizer: Tokenizer) -> int:
 
 def main(argv=None) -> int:
     cfg = C.parse(argv)
-    world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
-    rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
+    rank, world = distributed.launch_env()
+    check_enough_ranks(cfg, world, argv)
     validate_world(cfg, world)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     ckpt_dir = checkpoint.resolve_load_dir(cfg.checkpoint.load, log) if cfg.checkpoint.load else None
@@ -86,8 +98,7 @@ def main(argv=None) -> int:
     else:
         valid_set = None
 
-    env = distributed.init(cfg)
-    device = env.device
+    device = distributed.init(cfg)
     dims = ParallelDims.build(cfg.parallel, device.type)
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     flops_n = model.num_params() - (model.embedding.position.weight.numel() if model.embedding.position else 0)
