@@ -231,5 +231,10 @@ class GPT(nn.Module):
             return logits.transpose(0, 1)
         return self.loss_fn(logits, labels.t()).t()
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, matmul_only: bool = False) -> int:
+        """Parameter count, a tied embedding/output matrix once. ``matmul_only``: just the weights
+        that multiply activations (every linear layer, the output layer included), the count
+        behind the FLOPs of a token; it leaves out lookup tables (positions, and the input embedding
+        when untied), norm gains and biases. Count before parallelize: under TP the layers hold shards."""
+        params = [m.weight for m in self.modules() if isinstance(m, nn.Linear)] if matmul_only else self.parameters()
+        return sum(p.numel() for p in params)

@@ -15,13 +15,29 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 
 from . import checkpoint
-from .metrics import flops_per_token, memory_gib
+from .metrics import MetricsLogger, memory_gib
 from .nonfinite import NonFiniteError, check_skips, save_refusal, step_flags
 from .optim import clip_grad_norm, lr_at, set_lr
-from ..parallel.zigzag import zigzag_split
+from ..config import Config
+from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import unwrap
+from ..parallel.zigzag import zigzag_split
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What train() works on, built by main() before the first step."""
+    model: torch.nn.Module  # in its parallel form (TP/CP modules, DDP over DP x CP)
+    optimizer: torch.optim.Optimizer
+    train_set: Dataset
+    valid_set: Dataset | None  # None: evaluation off
+    dims: ParallelDims
+    cfg: Config
+    device: torch.device
+    flops_per_token: float  # model FLOPs of one training token, forward + backward (for TFLOP/s and MFU)
 
 
 @dataclass
@@ -132,12 +148,14 @@ def _install_exit_handler(state: TrainState):
     signal.signal(signal.SIGTERM, handler)
 
 
-def train(model, optimizer, data, dims, cfg, device, state: TrainState, logger, model_flops_n: int):
-    """Run until --train-iters (or --exit-interval / SIGTERM); saves per --save-interval and at the end."""
+def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) -> TrainState:
+    """Run until --train-iters (or --exit-interval / SIGTERM); saves per --save-interval and at the end.
+    Only the logging rank passes a logger."""
+    model, optimizer, dims, cfg, device = setup.model, setup.optimizer, setup.dims, setup.cfg, setup.device
+    train_set, valid_set = setup.train_set, setup.valid_set
     t, ck = cfg.train, cfg.checkpoint
-    train_set, valid_set = data
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
-    flops_step = flops_per_token(cfg.model, model_flops_n, cfg.model.seq_length) * tokens_per_step
+    flops_step = setup.flops_per_token * tokens_per_step
     peak = logger.peak if logger else None
     if ck.exit_signal_handler:
         _install_exit_handler(state)

@@ -23,8 +23,8 @@ from ..model import GPT
 from ..parallel.dims import ParallelDims, check_layout
 from ..parallel.parallelize import parallelize, unwrap, validate_layout
 from . import checkpoint
-from .metrics import MetricsLogger, peak_tflops
-from .loop import TrainState, train
+from .loop import TrainSetup, TrainState, train
+from .metrics import MetricsLogger, flops_per_token, peak_tflops
 from .optim import build_optimizer
 
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     device = distributed.init(cfg)
     dims = ParallelDims.build(cfg.parallel, device.type)
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
-    flops_n = model.num_params() - (model.embedding.position.weight.numel() if model.embedding.position else 0)
+    n_params, n_matmul = model.num_params(), model.num_params(matmul_only=True)  # before TP shards them
     model = parallelize(model, dims, cfg, device)
     torch.manual_seed(dims.dropout_seed(cfg.train.seed))
     optimizer = build_optimizer(model, cfg.train)
@@ -115,11 +115,13 @@ def main(argv=None) -> int:
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or "runs"
         logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()},
                                peak=peak_tflops(device, cfg.train.peak_tflops))
-        print(f"megalite: {dims.describe()} on {device.type}; model {flops_n / 1e6:.1f}M params; "
+        print(f"megalite: {dims.describe()} on {device.type}; model {n_params / 1e6:.1f}M params; "
               f"vocab {vocab}; data {prefix}; metrics -> {logger.path}"
               + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""), flush=True)
+    setup = TrainSetup(model, optimizer, train_set, valid_set, dims, cfg, device,
+                       flops_per_token(cfg.model, n_matmul, cfg.model.seq_length))
     try:
-        train(model, optimizer, (train_set, valid_set), dims, cfg, device, state, logger, flops_n)
+        train(setup, state, logger)
     finally:
         if logger:
             logger.close()

@@ -25,11 +25,14 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return None
 
 
-def flops_per_token(model_cfg, num_params_no_embed: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights + 12 L h_attn s for attention scores (fwd+bwd)."""
-    attn_width = model_cfg.num_attention_heads * (model_cfg.kv_channels or
-                                                  model_cfg.hidden_size // model_cfg.num_attention_heads)
-    return 6.0 * num_params_no_embed + 12.0 * model_cfg.num_layers * attn_width * seq_len
+def flops_per_token(model_cfg, matmul_params: int, seq_len: int) -> float:
+    """Model FLOPs of one training token, forward + backward, counting matmuls only (the MFU convention):
+    6 N for the N weights that multiply activations (2 forward, 4 backward; lookup tables, norm gains
+    and biases are not matmuls, see ``GPT.num_params(matmul_only=True)``), plus 12 L s (heads x
+    head_dim) for the attention scores and their weighted sum over the full s x s square (causal
+    masking not discounted, as Megatron-LM and PaLM count). Recomputed activations are not counted."""
+    attn_width = model_cfg.num_attention_heads * model_cfg.head_dim
+    return 6.0 * matmul_params + 12.0 * model_cfg.num_layers * attn_width * seq_len
 
 
 def memory_gib(device: torch.device) -> float:
