@@ -22,6 +22,13 @@ def _grid(rank, world):
     assert sorted(dist.get_process_group_ranks(dims.dp_cp_group)) == [rank % 2, rank % 2 + 2]
     assert dims.mesh["tp"].get_local_rank() == dims.tp_rank
     assert dims.mesh["cp"].get_local_rank() == dims.cp_rank
+    # DP x CP spans DP too: TP=2 x DP=2, and CP=2 x DP=2 (one group of all four ranks).
+    dp2 = ParallelDims.build(ParallelConfig(tensor_parallel_size=2), "cpu")
+    assert (dp2.dp, dp2.dp_rank) == (2, rank // 2)
+    assert dist.get_process_group_ranks(dp2.dp_cp_group) == [rank % 2, rank % 2 + 2]
+    cp_dp = ParallelDims.build(ParallelConfig(context_parallel_size=2), "cpu")
+    assert (cp_dp.dp, cp_dp.cp, cp_dp.cp_rank) == (2, 2, rank % 2)
+    assert dist.get_process_group_ranks(cp_dp.dp_cp_group) == [0, 1, 2, 3]
 
 
 def test_grid_ranks(tmp_path):

@@ -8,6 +8,7 @@ are summed. Every group is a real ProcessGroup (a size-1 group works as the iden
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -34,8 +35,8 @@ class ParallelDims:
     dp: int
     cp: int
     tp: int
-    mesh: DeviceMesh
-    dp_cp_mesh: DeviceMesh  # flattened DP x CP, kept here: slicing it back out of `mesh` is deprecated
+    mesh: DeviceMesh  # dims ("dp", "cp", "tp")
+    dp_cp_group: dist.ProcessGroup  # DP x CP flattened: the ranks that share this rank's TP index
     sequence_parallel: bool = False
 
     @staticmethod
@@ -45,28 +46,19 @@ class ParallelDims:
         tp, cp = cfg.tensor_parallel_size, cfg.context_parallel_size
         dp = check_layout(world, tp, cp)
         mesh = init_device_mesh(device_type, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
-        dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
+        # Built with the public API rather than DeviceMesh._flatten (private); every rank creates
+        # every subgroup, in the same order.
+        dp_cp, _ = dist.new_subgroups_by_enumeration([list(range(t, world, tp)) for t in range(tp)],
+                                                     timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
         return ParallelDims(world, rank, dp, cp, tp, mesh, dp_cp, cfg.sequence_parallel and tp > 1)
 
-    def group(self, name: str) -> dist.ProcessGroup:
-        """'dp', 'cp', 'tp' or 'dp_cp'."""
-        return (self.dp_cp_mesh if name == "dp_cp" else self.mesh[name]).get_group()
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("tp")
 
     @property
-    def tp_group(self):
-        return self.group("tp")
-
-    @property
-    def cp_group(self):
-        return self.group("cp")
-
-    @property
-    def dp_group(self):
-        return self.group("dp")
-
-    @property
-    def dp_cp_group(self):
-        return self.group("dp_cp")
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("cp")
 
     @property
     def tp_rank(self) -> int:
