@@ -42,7 +42,7 @@ def test_round_trip_of_real_code(tok):
 
 def test_special_ids_and_vocab(tok):
     assert tok.vocab_size == 600
-    assert (tok.eod, tok.pad) == (2, 3)
+    assert (tok.eod, spm.SentencePieceProcessor(model_file=tok.model_path).pad_id()) == (2, 3)  # README's ids
     assert tok.eod not in tok.encode("some text\n")
     # Indentation is learned as whole pieces, newline is one piece.
     assert len(tok.encode("        ")) == 1

@@ -40,8 +40,6 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer model {model_path!r} has no end-of-sentence piece (eos_id=-1), which marks "
                 f"document ends; retrain it with megalite.data.tokenizer (eos id 2)")
-        # Nothing in megalite pads today; models trained without a pad piece reuse the EOD id.
-        self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
