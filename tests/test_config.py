@@ -182,7 +182,10 @@ BOOL_FIELDS = [(sec, f) for sec, cls in C._sections() for f in C.dataclasses.fie
 def test_every_boolean_can_be_set_both_ways_from_flags_and_files(tmp_path, monkeypatch, section, field):
     monkeypatch.setattr(C, "validate", lambda cfg: None)  # parsing only: some values need companion flags
     flag, negative = field.metadata["flag"], "--no-" + field.metadata["flag"][2:]
-    value = lambda cfg: getattr(getattr(cfg, section), field.name)  # noqa: E731
+
+    def value(cfg):
+        return getattr(getattr(cfg, section), field.name)
+
     assert value(C.parse([])) is field.default
     assert value(C.parse([flag])) is True and value(C.parse([negative])) is False
     assert value(C.parse([flag, negative])) is False and value(C.parse([negative, flag])) is True  # last wins

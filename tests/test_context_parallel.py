@@ -7,7 +7,7 @@ from megalite.config import ConfigError, ModelConfig
 from megalite.parallel.apply_cp import CP_ATTENTION, ContextParallelAttention, validate_cp
 from megalite.parallel.zigzag import zigzag_merge, zigzag_positions, zigzag_split
 from multiproc import run_ranks
-from test_ring_attention import TOL, make_inputs, reference
+from parity import TOL, make_inputs, reference
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])

@@ -21,7 +21,7 @@ from megalite.parallel.apply_tp import apply_tp
 from megalite.parallel.zigzag import zigzag_split
 from megalite.parallel.dims import ParallelDims
 from multiproc import run_ranks
-from test_model_tp import VARIANTS, VOCAB, _batches, _cfg, _gather
+from parity import VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
 
 
 def _losses_and_grads(model, batches, cp=1, cp_rank=0):
@@ -49,8 +49,8 @@ def _sum_over(group, model, loss):
 def _check(kw, cp_group, comm, tp_group=None, sp=False, bf16=False):
     cp, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     tag = f"cp={cp} {comm} tp={tp_group and dist.get_world_size(tp_group)} sp={sp} bf16={bf16} {kw}"
-    cfg = _cfg(**kw)
-    batches = _batches(2)
+    cfg = model_cfg(**kw)
+    batches = make_batches(2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     dense = GPT(cfg, VOCAB, seed=11)
     if bf16:
@@ -67,7 +67,7 @@ def _check(kw, cp_group, comm, tp_group=None, sp=False, bf16=False):
     dense_params = dict(dense.named_parameters())
     for name, p in model.named_parameters():
         ref = dense_params[name]
-        full = p.grad if tp_group is None else _gather(p.grad, ref.shape, tp_group)
+        full = p.grad if tp_group is None else gather_shards(p.grad, ref.shape, tp_group)
         # bf16: both sides round differently; allow 2% of the tensor's largest gradient
         tol = dict(atol=2e-2 * ref.grad.abs().max().item(), rtol=0) if bf16 else {}
         assert_close(full[: ref.shape[0]], ref.grad, **tol, msg=f"{tag} {name}")

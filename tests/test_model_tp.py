@@ -13,37 +13,13 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from megalite.config import ConfigError, ModelConfig
+from megalite.config import ConfigError
 from megalite.model import GPT
 from megalite.parallel.apply_tp import apply_tp, validate_tp
 from megalite.parallel.comm import CommCounter
 from megalite.parallel.tensor_parallel import split_dim
 from multiproc import run_ranks
-
-VOCAB = 37  # prime: padded to 40 dense, 48 at TP=2, 64 at TP=4 (with divisible-by 8)
-SEQ, BATCH = 8, 2
-VARIANTS = [
-    dict(swiglu=True, normalization="RMSNorm", group_query_attention=True, num_query_groups=4,
-         num_attention_heads=8, hidden_size=32, ffn_hidden_size=24, recompute_granularity="selective"),
-    dict(position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=True,
-         num_attention_heads=4, hidden_size=20, ffn_hidden_size=28, recompute_granularity="full"),
-]
-
-
-def _cfg(**kw):
-    return ModelConfig(**{"num_layers": 2, "seq_length": SEQ, "make_vocab_size_divisible_by": 8, **kw})
-
-
-def _batches(n):
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for _ in range(n):
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-        labels = tokens[:, 1:].clone()
-        labels[0, :3] = -100  # ignored positions
-        mask = (torch.rand(BATCH, SEQ, generator=g) > 0.2).double()
-        out.append((tokens[:, :-1], torch.arange(SEQ).expand(BATCH, SEQ), labels, mask))
-    return out
+from parity import BATCH, SEQ, VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
 
 
 def _train_grads(model, batches):
@@ -58,20 +34,10 @@ def _train_grads(model, batches):
     return losses
 
 
-def _gather(local, dense_shape, group):
-    """Concatenate the TP shards of `local` along the one dim where it is smaller than dense."""
-    diff = [d for d in range(local.dim()) if local.shape[d] != dense_shape[d]]
-    if not diff:
-        return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=diff[0])
-
-
 def _check_one(kw, group, sp):
     tp = dist.get_world_size(group)
-    cfg = _cfg(**kw)
-    batches = _batches(2)
+    cfg = model_cfg(**kw)
+    batches = make_batches(2)
     dense = GPT(cfg, VOCAB, seed=11)
     want = _train_grads(dense, batches)
 
@@ -95,7 +61,7 @@ def _check_one(kw, group, sp):
     norm_sq_sharded, norm_sq_replicated = 0.0, 0.0
     for name, p in model.named_parameters():
         ref = dense_params[name]
-        full = _gather(p.grad, ref.shape, group)
+        full = gather_shards(p.grad, ref.shape, group)
         rows = ref.shape[0]  # vocab-padded tensors: TP pads further; extra rows must stay zero
         assert_close(full[:rows], ref.grad, msg=f"{tag} {name}")
         assert not full[rows:].any(), f"{tag} {name}"
@@ -125,7 +91,7 @@ def _check_one(kw, group, sp):
     model.eval()
     dense.eval()
     tokens, pos, *_ = batches[0]
-    logits = _gather(model(tokens, pos), (BATCH, SEQ, VOCAB), group)  # vocab shards [b, s, V/tp]
+    logits = gather_shards(model(tokens, pos), (BATCH, SEQ, VOCAB), group)  # vocab shards [b, s, V/tp]
     assert_close(logits[..., :VOCAB], dense(tokens, pos)[..., :VOCAB], msg=tag)
     assert torch.isinf(logits[..., VOCAB:]).all(), "padded vocabulary must never be predicted"
 
@@ -152,15 +118,15 @@ def test_tp_model_matches_single_rank(tmp_path):
 ])
 def test_validate_tp_rejects_indivisible_model(kw, match):
     with pytest.raises(ConfigError, match=match):
-        validate_tp(_cfg(**kw), 4, False)
+        validate_tp(model_cfg(**kw), 4, False)
 
 
 def test_validate_tp_sequence_parallel():
     with pytest.raises(ConfigError, match="make --seq-length a multiple of 8"):
-        validate_tp(_cfg(seq_length=12), 4, True, cp=2)
-    validate_tp(_cfg(seq_length=12), 4, False, cp=2)
+        validate_tp(model_cfg(seq_length=12), 4, True, cp=2)
+    validate_tp(model_cfg(seq_length=12), 4, False, cp=2)
     with pytest.warns(UserWarning, match="no effect with --tensor-parallel-size 1"):
-        validate_tp(_cfg(num_attention_heads=3, hidden_size=9), 1, True)
+        validate_tp(model_cfg(num_attention_heads=3, hidden_size=9), 1, True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        validate_tp(_cfg(), 1, False)
+        validate_tp(model_cfg(), 1, False)

@@ -7,32 +7,13 @@ the q/k/v gradients with what ring attention produced from the shard alone.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megalite.ops.attention import block_attention, get_backend
 from megalite.parallel.zigzag import zigzag_split
 from megalite.parallel.cp_blocks import merge_partial
 from megalite.parallel.ring_attention import ring_attention
 from multiproc import run_ranks
-
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),
-       torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
-
-
-def reference(q, k, v, dout, causal):
-    """Full attention in float64 (GQA by SDPA's own head grouping): out, dq, dk, dv."""
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal,
-                                         enable_gqa=True).transpose(1, 2)
-    out.backward(dout.double())
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def make_inputs(seed, batch, seq, heads, kv_heads, head_dim, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), (batch, seq, kv_heads, head_dim),
-              (batch, seq, heads, head_dim)]
-    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+from parity import TOL, make_inputs, reference
 
 
 # ---- single process: backends and the merge ----
