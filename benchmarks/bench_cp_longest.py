@@ -4,11 +4,10 @@ Runs the real training entry (megalite.training.main) for one optimizer step on 
 default corpus, in CP ranks spawned here (gloo, one thread each), for each --seq given:
 one sequence per step (micro batch 1), a small Llama-style model (RoPE, RMSNorm, SwiGLU, GQA).
 Records per rank: wall time of the whole run, the step time the loop logged (rank 0) and peak
-resident memory (ru_maxrss, which includes the ~0.4 GiB of the Python + torch process itself).
-Attention time grows with seq^2 while memory grows with seq (flash kernels, zigzag shard). Measured
-here (2 layers, h=256): 65,536 tokens in 120 s at 1.65 GiB per rank, 131,072 in 628 s at 2.68 GiB
-per rank (+1.0 GiB per rank per +65k tokens), so 24 GiB would hold about 290k tokens (extrapolated)
-while one step there would take about an hour: on 2 cores the practical limit is time.
+resident memory (ru_maxrss, which includes the Python + torch process itself: start_rss_gib).
+Attention time grows with seq^2 while memory grows with seq (flash kernels, zigzag shard), so
+run two or more lengths to see both slopes; results are in benchmarks/results/cp_longest.json
+and the README's benchmark table.
 
     python benchmarks/bench_cp_longest.py [--seq 65536 131072] [--cp 4]
 

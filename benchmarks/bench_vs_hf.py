@@ -6,10 +6,9 @@ noise hits both alike. Writes benchmarks/results/vs_hf.json.
 
     python benchmarks/bench_vs_hf.py [--steps 6] [--hidden 256 --layers 4 --heads 4 --vocab 1000 --batch 4 --seq 512]
 
-Both models spend ~75% of a step in the same aten kernels (MKL GEMMs, the CPU flash attention),
-so at this shape they run within run-to-run noise of each other (0.94-1.03x measured). The one
-measured lever left is fusing SwiGLU's gate and fc1 GEMMs (~20% faster for those two in
-isolation), which would change the TP slicing and the checkpoint shard layout.
+The ratio moves by several percent between runs on a shared machine: run it a few times on a
+quiet one before comparing. Results and what bounds them: benchmarks/results/vs_hf.json and
+the README's benchmark table.
 """
 from __future__ import annotations
 
