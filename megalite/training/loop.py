@@ -128,6 +128,8 @@ def train_step(model, optimizer, batches, dims, cfg, device, exit_requested: boo
 
 @torch.no_grad()
 def evaluate(model, dataset, dims, cfg, device) -> float:
+    """Mean loss over the first --eval-iters global batches of `dataset`: the same samples at every
+    evaluation, so successive values compare (Megatron-LM walks on through the set instead)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     num = torch.zeros((), device=device)
