@@ -111,5 +111,5 @@ def test_too_few_ranks_prints_the_torchrun_command_that_works():
     proc = subprocess.run([sys.executable, "pretrain.py", *flags], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "needs 4 ranks (or a multiple) but 1 started" in proc.stderr
-    assert "torchrun --nproc-per-node 4 pretrain.py " + " ".join(flags) + "\n" in proc.stderr
+    assert "world size 1 is not divisible by tensor-parallel-size 2 x context-parallel-size 2" in proc.stderr
+    assert "\n  on one node run: torchrun --nproc-per-node 4 pretrain.py " + " ".join(flags) + "\n" in proc.stderr

@@ -28,16 +28,14 @@ from .metrics import MetricsLogger, flops_per_token, peak_tflops
 from .optim import build_optimizer
 
 
-def check_enough_ranks(cfg: C.Config, world: int, argv) -> None:
+def launch_hint(cfg: C.Config, world: int, argv) -> str:
     """Fewer ranks than TP x CP is nearly always torchrun's default of one process per node:
-    print the launch command that works, with the user's own flags."""
+    the launch command that works, with the user's own flags (else "")."""
     need = cfg.parallel.tensor_parallel_size * cfg.parallel.context_parallel_size
     if world >= need:
-        return
+        return ""
     script, args = (sys.argv[0], sys.argv[1:]) if argv is None else ("pretrain.py", argv)
-    raise ConfigError(f"--tensor-parallel-size {cfg.parallel.tensor_parallel_size} x --context-parallel-size "
-                      f"{cfg.parallel.context_parallel_size} needs {need} ranks (or a multiple) but {world} started; "
-                      f"on one node run:\n  torchrun --nproc-per-node {need} {shlex.join([script, *args])}")
+    return f"\n  on one node run: torchrun --nproc-per-node {need} {shlex.join([script, *args])}"
 
 
 def validate_world(cfg: C.Config, world: int) -> int:
@@ -81,8 +79,10 @@ def vocab_size_for(cfg: C.Config, tokenizer: Tokenizer) -> int:
 def main(argv=None) -> int:
     cfg = C.parse(argv)
     rank, world = distributed.launch_env()
-    check_enough_ranks(cfg, world, argv)
-    validate_world(cfg, world)
+    try:
+        validate_world(cfg, world)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{launch_hint(cfg, world, argv)}") from None
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     ckpt_dir = checkpoint.resolve_load_dir(cfg.checkpoint.load, log) if cfg.checkpoint.load else None
     prefix, tok_path = resolve_data(cfg, rank)
