@@ -1,7 +1,10 @@
 """Helpers for tests that run the real training entry point on spawned ranks."""
 import json
 import os
+import subprocess
+import sys
 import sysconfig
+import time
 
 from megalite.data.preprocess import preprocess
 from megalite.data.tokenizer import train_tokenizer
@@ -39,3 +42,36 @@ def train(tmp_path, name, world, argv):
     return losses(out)
 
 
+def torchrun(tmp_path, name, argv, **env):
+    """Start launch/torchrun.sh (2 ranks) with `env` added; output goes to tmp_path/name.log."""
+    log = open(tmp_path / f"{name}.log", "w")
+    cmd = ["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, *argv, "--log-dir", str(tmp_path / name)]
+    env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+
+
+def output(tmp_path, name):
+    return (tmp_path / f"{name}.log").read_text()
+
+
+def worker_pid(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of the worker with global rank `rank` among the torchrun agent's children."""
+    children = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
+    for pid in children:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise LookupError(f"no worker with RANK={rank} among {children}")
+
+
+def wait_for_iteration(tmp_path, name, agent, iteration, timeout=300):
+    """Block until metrics.jsonl shows `iteration`; returns the records so far."""
+    path, deadline = tmp_path / name / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert agent.poll() is None, output(tmp_path, name)[-3000:]
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+            if records and records[-1]["iteration"] >= iteration:
+                return records
+        time.sleep(0.02)
+    raise TimeoutError(f"iteration {iteration} not reached")

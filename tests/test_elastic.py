@@ -1,68 +1,31 @@
 """pretrain.py under torchrun: kill -9 + --max-restarts resumes exactly, SIGTERM saves and exits,
 a stuck rank makes the others fail with a message naming rank and operation."""
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from megalite.training import checkpoint
-from pretrain_utils import ROOT, TINY, losses
+from pretrain_utils import losses, output, torchrun, wait_for_iteration, worker_pid
 
 ITERS = 30
 FLAGS = ["--train-iters", str(ITERS), "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-interval", "0",
          "--distributed-timeout-minutes", "1"]
 
 
-def torchrun(tmp_path, name, argv, **env):
-    """Start launch/torchrun.sh (2 ranks) with `env` added; output goes to tmp_path/name.log."""
-    log = open(tmp_path / f"{name}.log", "w")
-    cmd = ["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, *FLAGS, *argv, "--log-dir", str(tmp_path / name)]
-    env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-
-
-def output(tmp_path, name):
-    return (tmp_path / f"{name}.log").read_text()
-
-
-def worker_pid(agent: subprocess.Popen, rank: int) -> int:
-    """The pid of the worker with global rank `rank` among the torchrun agent's children."""
-    children = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
-    for pid in children:
-        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        if f"RANK={rank}".encode() in env:
-            return int(pid)
-    raise LookupError(f"no worker with RANK={rank} among {children}")
-
-
-def wait_for_iteration(tmp_path, name, agent, iteration, timeout=300):
-    """Block until metrics.jsonl shows `iteration`; returns the records so far."""
-    path, deadline = tmp_path / name / "metrics.jsonl", time.time() + timeout
-    while time.time() < deadline:
-        assert agent.poll() is None, output(tmp_path, name)[-3000:]
-        if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-            if records and records[-1]["iteration"] >= iteration:
-                return records
-        time.sleep(0.02)
-    raise TimeoutError(f"iteration {iteration} not reached")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("elastic")
-    agent = torchrun(tmp, "ref", corpus)
+    agent = torchrun(tmp, "ref", FLAGS + corpus)
     assert agent.wait(timeout=600) == 0, output(tmp, "ref")[-3000:]
     return losses(tmp / "ref")
 
 
+@pytest.mark.fault("kill-mid-step")
 def test_kill_minus_9_restarts_from_latest_checkpoint(tmp_path, corpus, reference):
     ck = tmp_path / "ck"  # the script creates it; empty, so the first attempt starts fresh
-    agent = torchrun(tmp_path, "run", corpus + ["--save-interval", "3"], CKPT_DIR=str(ck), MAX_RESTARTS="1")
+    agent = torchrun(tmp_path, "run", FLAGS + corpus + ["--save-interval", "3"], CKPT_DIR=str(ck), MAX_RESTARTS="1")
     wait_for_iteration(tmp_path, "run", agent, 5)
     os.kill(worker_pid(agent, 1), signal.SIGKILL)
     assert agent.wait(timeout=600) == 0, output(tmp_path, "run")[-3000:]
@@ -78,9 +41,10 @@ def test_kill_minus_9_restarts_from_latest_checkpoint(tmp_path, corpus, referenc
     assert checkpoint.read_latest(str(ck)) == f"iter_{ITERS:07d}"
 
 
+@pytest.mark.fault("sigterm-save")
 def test_sigterm_saves_on_every_rank_and_exits_cleanly(tmp_path, corpus, reference):
     ck = tmp_path / "ck"
-    agent = torchrun(tmp_path, "run", corpus + ["--save", str(ck), "--exit-signal-handler"])
+    agent = torchrun(tmp_path, "run", FLAGS + corpus + ["--save", str(ck), "--exit-signal-handler"])
     wait_for_iteration(tmp_path, "run", agent, 3)
     os.kill(worker_pid(agent, 1), signal.SIGTERM)  # one rank hears it; all must stop at the same step
     assert agent.wait(timeout=600) == 0, output(tmp_path, "run")[-3000:]
@@ -92,8 +56,9 @@ def test_sigterm_saves_on_every_rank_and_exits_cleanly(tmp_path, corpus, referen
     assert [r["loss"] for r in records] == [r["loss"] for r in reference[:stop]]
 
 
+@pytest.mark.fault("stopped-rank")
 def test_stuck_rank_times_out_naming_rank_and_operation(tmp_path, corpus):
-    agent = torchrun(tmp_path, "run", corpus + ["--distributed-timeout-minutes", "0.15"])
+    agent = torchrun(tmp_path, "run", FLAGS + corpus + ["--distributed-timeout-minutes", "0.15"])
     wait_for_iteration(tmp_path, "run", agent, 2)
     stuck = worker_pid(agent, 1)
     os.kill(stuck, signal.SIGSTOP)

@@ -1,7 +1,8 @@
 """List what a checkpoint holds: `python -m megalite.training.inspect_ckpt DIR [--tensors]`.
 
 DIR is a --save directory (every iter_* with its state, which one --load would resume from,
-then that one in detail) or one iter_* directory. Reads meta.json only (and file sizes).
+then that one in detail) or one iter_* directory. Reads meta.json and file sizes, and verifies
+the checksums of the checkpoint it describes (reading its files), as a run's --load would.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from . import checkpoint
+from .checkpoint import integrity
 
 
 def _bytes(meta: dict, prefix: str) -> int:
@@ -38,7 +40,12 @@ def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
              f"  tensors: {sum(k.startswith('model/') for k in t)} model ({_bytes(meta, 'model/'):,} bytes), "
              f"{sum(k.startswith('optim/') for k in t)} optimizer ({_bytes(meta, 'optim/'):,} bytes)",
              f"  files: {len(meta['files'])}, {sum(meta['files'].values()):,} bytes"]
-    lines += [f"    {name}  {size:,} bytes" for name, size in sorted(meta["files"].items())]
+    for name, size in sorted(meta["files"].items()):
+        if "crc32" not in meta:
+            state = "no checksum (saved before megalite recorded them; size checked)"
+        else:
+            state = integrity.file_problem(ckpt_dir, name, meta, checksum=True) or "CRC-32 ok"
+        lines.append(f"    {name}  {size:,} bytes  {state}")
     if tensors:
         for key, e in sorted(t.items()):
             rows = f" ({e['real']} real rows)" if "real" in e else ""
@@ -60,9 +67,15 @@ def report(path: str, tensors: bool = False) -> list[str]:
         why = checkpoint.problem(os.path.join(path, name))
         lines.append(f"  {name}  {'complete' if why is None else 'INCOMPLETE: ' + why}"
                      + ("  <- latest" if name == latest else ""))
-    notes = []
+    notes, checked = [], {}
+
+    def verify(ckpt):  # what a run's collective check would find, read by this one process
+        if ckpt not in checked:
+            checked[ckpt] = "; ".join(integrity.bad_files(ckpt, checkpoint.read_meta(ckpt))) or None
+        return checked[ckpt]
+
     try:
-        chosen = checkpoint.resolve_load_dir(path, log=notes.append)
+        chosen = checkpoint.resolve_load_dir(path, log=notes.append, verify=verify)
     except ConfigError as exc:
         return lines + [f"--load would fail: {exc}"]
     if chosen is None:

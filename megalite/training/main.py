@@ -99,6 +99,10 @@ def main(argv=None) -> int:
         valid_set = None
 
     device = distributed.init(cfg)
+    # collectives from here on: every rank raises the same error, none is left waiting
+    lock = checkpoint.lock_save_dir(cfg.checkpoint.save, log) if cfg.checkpoint.save else None
+    if ckpt_dir is not None:
+        ckpt_dir = checkpoint.verify_load_dir(cfg.checkpoint.load, ckpt_dir, cfg, vocab, log)
     dims = ParallelDims.build(cfg.parallel, device.type)
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     n_params, n_matmul = model.num_params(), model.num_params(matmul_only=True)  # before TP shards them
@@ -125,6 +129,8 @@ def main(argv=None) -> int:
     finally:
         if logger:
             logger.close()
+        if lock:  # after a failure before training, the lock goes with the process
+            lock.release()
     return 0
 
 

@@ -20,6 +20,8 @@ from .format import (
     _rng_state,
     _write_atomic,
 )
+from .integrity import ChecksumWriter
+from .resolve import read_latest
 
 
 def _standalone(t: torch.Tensor) -> torch.Tensor:
@@ -27,38 +29,103 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
     return t if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
+def _prepare(save_dir: str, tmp: str) -> None:
+    """Rank 0: clear what crashed saves left behind, create this save's temp directory."""
+    os.makedirs(save_dir, exist_ok=True)
+    for stale in os.listdir(save_dir):
+        old = os.path.join(save_dir, stale)
+        if stale.endswith(".old") and not os.path.exists(old[:-4]):
+            os.replace(old, old[:-4])  # a re-save died between its renames: the old copy is the good one
+        elif stale.startswith(".tmp_iter_") or stale.endswith(".old"):
+            shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _write_share(path: str, obj: dict) -> tuple[int, int]:
+    """Write and fsync one rank file; returns its (size, CRC-32), computed as it is written."""
+    with open(path, "wb") as fh:
+        out = ChecksumWriter(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as exc:
+            if out.error is None:
+                raise
+            raise out.error from exc
+        fh.flush()
+        os.fsync(fh.fileno())
+    return out.size, out.crc32
+
+
+def _write_failure(path: str, exc: BaseException, needed: int, total: int) -> str:
+    written = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes are free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"writing {path} failed after {written:,} bytes ({type(exc).__name__}: {exc}); this file needs about "
+            f"{needed:,} bytes and the whole checkpoint about {total:,}; {free}")
+
+
+def _agree(outcome, what: str, save_dir: str, name: str, world_size: int) -> list:
+    """Every rank's (value, error), gathered; each rank raises the same error when any rank failed,
+    so no rank goes on to a collective its peers will never join."""
+    outcomes = [None] * world_size
+    dist.all_gather_object(outcomes, outcome, group=dist.group.WORLD)
+    errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(outcomes) if err]
+    if errors:
+        raise RuntimeError(f"checkpoint save of {name} failed while {what}, nothing was committed ('latest' "
+                           f"still names {read_latest(save_dir)}): {'; '.join(errors)}. Free space on the disk "
+                           "of --save, or point --save elsewhere, then resume")
+    return [value for value, _ in outcomes]
+
+
+def _commit(save_dir: str, tmp: str, name: str, meta: dict) -> None:
+    """Rank 0, once every rank file is in ``tmp``: meta.json, rename into place, then ``latest``."""
+    final = os.path.join(save_dir, name)
+    _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+    if os.path.exists(final):  # re-saving an iteration: the old copy goes only once the new is in place
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    _fsync_dir(save_dir)
+    _write_atomic(os.path.join(save_dir, "latest"), name + "\n")  # the commit point
+
+
 def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, cfg) -> str:
-    """Collective over the world: every rank calls it. Returns the committed checkpoint directory."""
-    world = dist.group.WORLD
+    """Collective over the world: every rank calls it. Returns the committed checkpoint directory.
+    A failure on any rank (e.g. a full disk) raises the same error on every rank, leaves the
+    previous checkpoint and ``latest`` as they were, and removes the unfinished directory."""
     name = _iter_name(iteration)
-    final, tmp = os.path.join(save_dir, name), os.path.join(save_dir, ".tmp_" + name)
+    tmp = os.path.join(save_dir, ".tmp_" + name)
+    failed = None
     if dims.rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        for stale in os.listdir(save_dir):  # left by saves that crashed
-            old = os.path.join(save_dir, stale)
-            if stale.endswith(".old") and not os.path.exists(old[:-4]):
-                os.replace(old, old[:-4])  # a re-save died between its renames: the old copy is the good one
-            elif stale.startswith(".tmp_iter_") or stale.endswith(".old"):
-                shutil.rmtree(old, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            _prepare(save_dir, tmp)
+        except OSError as exc:
+            failed = f"creating {tmp} failed ({type(exc).__name__}: {exc})"
     entries = _entries(model, optimizer)
     digest = hashlib.sha1(repr(sorted((k, tuple(t.shape), str(t.dtype), d) for k, (t, d, _) in entries.items()))
                           .encode()).hexdigest()
-    digests = [None] * dims.world_size
-    dist.all_gather_object(digests, digest, group=world)  # also: the tmp dir exists from here on
+    digests = _agree((digest, failed), "preparing", save_dir, name, dims.world_size)  # tmp exists from here on
     if len(set(digests)) != 1:
         raise RuntimeError(f"checkpoint save: ranks hold different tensor sets or shapes {digests}")
     plan = _assign(entries, dims)
     shard = dims.tp_rank
+    verdict = [None]
     mine = {k: _standalone(entries[k][0].cpu()) for k, w in plan.items()
             if w[shard if len(w) > 1 else 0] == dims.rank}
     path = os.path.join(tmp, _rank_file(dims.rank))
-    with open(path, "wb") as fh:
-        torch.save({"tensors": mine, "rng": _rng_state()}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    sizes = [None] * dims.world_size
-    dist.all_gather_object(sizes, os.path.getsize(path), group=world)  # every rank has written
+    try:
+        written, failed = _write_share(path, {"tensors": mine, "rng": _rng_state()}), None
+    except OSError as exc:
+        total = sum(t.nbytes * len(plan[k]) for k, (t, _, _) in entries.items())
+        written, failed = None, _write_failure(path, exc, sum(t.nbytes for t in mine.values()), total)
+    try:
+        files = _agree((written, failed), "writing the rank files", save_dir, name, dims.world_size)
+    except RuntimeError:
+        if dims.rank == 0:  # every rank is past its write: give the space back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dims.rank == 0:
         index = {}
         for key, (t, dim, real) in entries.items():
@@ -71,13 +138,15 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
                 "global_batch_size": cfg.train.global_batch_size, "seed": cfg.train.seed,
                 "layout": {"tp": dims.tp, "cp": dims.cp, "dp": dims.dp, "world": dims.world_size},
                 "model": dataclasses.asdict(cfg.model), "vocab_size": model.vocab_size,
-                "files": {_rank_file(r): s for r, s in enumerate(sizes)}, "tensors": index}
-        _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-        if os.path.exists(final):  # re-saving an iteration: the old copy goes only once the new is in place
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        _fsync_dir(save_dir)
-        _write_atomic(os.path.join(save_dir, "latest"), name + "\n")  # the commit point
-    dist.barrier(group=world)
-    return final
+                "files": {_rank_file(r): size for r, (size, _) in enumerate(files)},
+                "crc32": {_rank_file(r): crc for r, (_, crc) in enumerate(files)}, "tensors": index}
+        try:
+            _commit(save_dir, tmp, name, meta)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            verdict = [f"committing failed ({type(exc).__name__}: {exc})"]
+    dist.broadcast_object_list(verdict, src=0, group=dist.group.WORLD)  # rank 0's commit, told to all
+    if verdict[0]:
+        raise RuntimeError(f"checkpoint save of {name} failed on rank 0: {verdict[0]} ('latest' names "
+                           f"{read_latest(save_dir)})")
+    return os.path.join(save_dir, name)

@@ -14,6 +14,7 @@ from ...parallel.tensor_parallel import split_dim
 
 FORMAT = 2
 _ITER = re.compile(r"^iter_(\d+)$")
+_UNFINISHED = re.compile(r"^\.tmp_iter_\d+$")  # a save's directory until every rank has written
 
 
 def _iter_name(iteration: int) -> str:
@@ -34,11 +35,16 @@ def _fsync_dir(path: str) -> None:
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # e.g. a full disk: leave nothing half-written behind
+            os.remove(tmp)
+        raise
 
 
 def partition_dims(model: torch.nn.Module) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Finding the checkpoint ``--load`` resumes from, and checking it before any collective."""
+"""Finding the checkpoint ``--load`` resumes from: sizes and compatibility before any collective,
+then the files' checksums, verified by all ranks together once the process group is up."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import torch
 
 from ...config import ConfigError
 from ...model import GPT
-from .format import _ITER, FORMAT
+from . import integrity
+from .format import _ITER, _UNFINISHED, FORMAT
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -26,13 +28,8 @@ def problem(ckpt_dir: str) -> str | None:
         return f"unreadable meta.json ({exc})"
     if meta.get("format") != FORMAT:
         return f"format {meta.get('format')} (this megalite reads format {FORMAT})"
-    for name, size in meta["files"].items():
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} is truncated ({os.path.getsize(path)} of {size} bytes)"
-    return None
+    return next(filter(None, (integrity.file_problem(ckpt_dir, n, meta, checksum=False) for n in meta["files"])),
+                None)
 
 
 def list_checkpoints(save_dir: str) -> list[str]:
@@ -49,22 +46,27 @@ def read_latest(save_dir: str) -> str | None:
         return None
 
 
-def resolve_load_dir(path: str, log=print) -> str | None:
-    """The checkpoint ``--load path`` resumes from, or None for a fresh start.
+def resolve_load_dir(path: str, log=print, verify=None) -> str | None:
+    """The checkpoint ``--load path`` resumes from, or None for a fresh start. A checkpoint is
+    complete when its files have the sizes meta.json records and ``verify(ckpt_dir)`` (when
+    given) finds no problem.
 
     - ``path`` missing: ConfigError (create the directory to start a run that later resumes).
     - ``path`` is a checkpoint (has meta.json): it, if complete.
     - otherwise the checkpoint ``latest`` names if complete, else the newest complete
       ``iter_*`` (a warning names each one skipped and why);
     - no ``iter_*`` and no ``latest`` (an empty dir, or only logs and unfinished saves):
-      None, with a log line;
+      None, with a log line; leftovers of unfinished saves (``.tmp_iter_*``) get a warning;
     - ``iter_*`` or ``latest`` present but nothing complete: ConfigError listing each problem.
     """
     if not os.path.isdir(path):
         raise ConfigError(f"--load {path}: no such directory (to start a run that resumes from its own "
                           f"checkpoints, create it first: mkdir -p {path})")
+    def check(ckpt):
+        return problem(ckpt) or (verify(ckpt) if verify else None)
+
     if os.path.isfile(os.path.join(path, "meta.json")):
-        why = problem(path)
+        why = check(path)
         if why:
             raise ConfigError(f"--load {path}: not a complete checkpoint: {why}")
         return path
@@ -74,6 +76,10 @@ def resolve_load_dir(path: str, log=print) -> str | None:
             names.insert(0, latest)
         else:
             names.insert(0, names.pop(names.index(latest)))
+    unfinished = sorted(n for n in os.listdir(path) if _UNFINISHED.match(n))
+    if unfinished:
+        log(f"megalite: warning: ignoring {', '.join(unfinished)} in {path}: saves that did not finish "
+            "(the next save into this directory removes them)")
     if not names:
         log(f"megalite: --load {path} holds no checkpoint yet; starting from iteration 0")
         return None
@@ -82,10 +88,10 @@ def resolve_load_dir(path: str, log=print) -> str | None:
         ckpt = os.path.join(path, name)
         if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
             ckpt += ".old"  # set aside by a re-save of the same iteration that died before replacing it
-        why = problem(ckpt) if os.path.isdir(ckpt) else "missing"
+        why = check(ckpt) if os.path.isdir(ckpt) else "missing"
         if why is None:
             if skipped:
-                log(f"megalite: warning: skipped incomplete checkpoints ({'; '.join(skipped)}); "
+                log(f"megalite: warning: skipped incomplete or damaged checkpoints ({'; '.join(skipped)}); "
                     f"resuming from {name}")
             return ckpt
         skipped.append(f"{name}: {why}" + (" ('latest' names it; missing or incomplete)" if name == latest else ""))
@@ -117,3 +123,22 @@ def check_compatible(meta: dict, cfg, vocab_size: int, ckpt_dir: str) -> None:
                 if hasattr(cfg.model, k) and getattr(cfg.model, k) != v}
         raise ConfigError(f"{ckpt_dir} holds a different model: {'; '.join(issues)}; "
                           f"model flags differing (checkpoint, this run): {diff}")
+
+
+def verify_load_dir(path: str, ckpt_dir: str, cfg, vocab_size: int, log=print) -> str:
+    """Collective over the world, after ``resolve_load_dir(path)`` chose ``ckpt_dir`` by sizes:
+    checks its files' checksums (each rank reads a share). A corrupted checkpoint gives way to the
+    newest older one that passes, with a warning naming the bad file; when ``--load`` named the
+    checkpoint itself, or none passes, every rank raises the same ConfigError."""
+    found = {}
+
+    def verify(ckpt):
+        if ckpt not in found:
+            found[ckpt] = integrity.verify(ckpt, read_meta(ckpt))
+        return found[ckpt]
+
+    if verify(ckpt_dir) is None:
+        return ckpt_dir
+    chosen = resolve_load_dir(path, log, verify)
+    check_compatible(read_meta(chosen), cfg, vocab_size, chosen)
+    return chosen
