@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from megalite.config import ConfigError
 from megalite.training import checkpoint
 from megalite.training.checkpoint import integrity
 from megalite.training.main import main
@@ -149,3 +150,14 @@ def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp
     assert f"taking over from a run that ended without releasing it ({holder})" in capfd.readouterr().out
     assert (ck / ".lock").read_text() == ""  # released at the end
     assert checkpoint.read_latest(str(ck)) == "iter_0000002"
+
+
+def _verify_other_dirs(rank, world, dirs):
+    with pytest.raises(ConfigError, match="ranks chose different checkpoints to load"):
+        integrity.verify(dirs[rank], checkpoint.read_meta(dirs[rank]))
+
+
+def test_ranks_that_see_different_checkpoints_refuse_to_load(saved, tmp_path):
+    """E.g. --load on each node's own disk: the checksum check notices before any tensor is read."""
+    _, ck, _ = saved
+    run_ranks(_verify_other_dirs, 2, tmp_path, [str(ck / "iter_0000004"), str(ck / "iter_0000006")])

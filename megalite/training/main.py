@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     finally:
         if logger:
             logger.close()
-        if lock:  # after a failure before training, the lock goes with the process
+        if lock:  # a failure before this try frees it as the process exits (it is an flock)
             lock.release()
     return 0
 

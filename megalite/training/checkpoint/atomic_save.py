@@ -111,7 +111,6 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
         raise RuntimeError(f"checkpoint save: ranks hold different tensor sets or shapes {digests}")
     plan = _assign(entries, dims)
     shard = dims.tp_rank
-    verdict = [None]
     mine = {k: _standalone(entries[k][0].cpu()) for k, w in plan.items()
             if w[shard if len(w) > 1 else 0] == dims.rank}
     path = os.path.join(tmp, _rank_file(dims.rank))
@@ -126,6 +125,7 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
         if dims.rank == 0:  # every rank is past its write: give the space back
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    verdict = [None]
     if dims.rank == 0:
         index = {}
         for key, (t, dim, real) in entries.items():

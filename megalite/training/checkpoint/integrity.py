@@ -13,6 +13,8 @@ import zlib
 
 import torch.distributed as dist
 
+from ...config import ConfigError
+
 _CHUNK = 1 << 24
 
 
@@ -73,7 +75,11 @@ def verify(ckpt_dir: str, meta: dict) -> str | None:
     rank), or None."""
     rank, world = dist.get_rank(), dist.get_world_size()
     found = [None] * world
-    dist.all_gather_object(found, bad_files(ckpt_dir, meta, sorted(meta["files"])[rank::world]),
+    dist.all_gather_object(found, (ckpt_dir, bad_files(ckpt_dir, meta, sorted(meta["files"])[rank::world])),
                            group=dist.group.WORLD)
-    problems = sorted(why for part in found for why in part)
+    chosen = sorted({d for d, _ in found})
+    if len(chosen) > 1:  # e.g. --load on each node's own disk
+        raise ConfigError(f"ranks chose different checkpoints to load ({', '.join(chosen)}): --load must be a "
+                          "directory every rank sees with the same contents (a shared filesystem)")
+    problems = sorted(why for _, part in found for why in part)
     return "; ".join(problems) if problems else None

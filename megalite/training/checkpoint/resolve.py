@@ -62,6 +62,7 @@ def resolve_load_dir(path: str, log=print, verify=None) -> str | None:
     if not os.path.isdir(path):
         raise ConfigError(f"--load {path}: no such directory (to start a run that resumes from its own "
                           f"checkpoints, create it first: mkdir -p {path})")
+
     def check(ckpt):
         return problem(ckpt) or (verify(ckpt) if verify else None)
 
