@@ -54,7 +54,7 @@ def _disk_full_in_second_save(rank, world, argv):
 
 @pytest.mark.fault("disk-full")
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE (Linux, macOS)")
-def test_disk_full_during_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path, corpus):
+def test_disk_full_during_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path, corpus, record_property):
     ck, spawn = tmp_path / "ck", tmp_path / "spawn"
     argv = TINY + corpus + FLAGS + ["--train-iters", "6", "--save", str(ck), "--save-interval", "2",
                                     "--log-dir", str(tmp_path / "run")]
@@ -75,6 +75,10 @@ def test_disk_full_during_save_fails_every_rank_and_keeps_the_previous_checkpoin
     good = str(ck / "iter_0000002")
     assert checkpoint.problem(good) is None and integrity.bad_files(good, checkpoint.read_meta(good)) == []
     assert (ck / ".lock").read_text() == ""  # released on the way out
+    record_property("observed", f"rank 1's files capped at 64 KiB (RLIMIT_FSIZE) during the save of iteration 4: "
+                                f"both ranks failed with '... rank_00001.pt failed after 65,536 bytes ([Errno 27] File "
+                                f"too large); this file needs about {needed:,} bytes ...'; latest still "
+                                "iter_0000002, which verifies; the partial save was removed")
 
 
 def _flip_a_byte(path):
@@ -84,7 +88,7 @@ def _flip_a_byte(path):
 
 
 @pytest.mark.fault("corrupt-rank-file")
-def test_corrupted_rank_file_is_detected_and_skipped(saved, tmp_path, capfd):
+def test_corrupted_rank_file_is_detected_and_skipped(saved, tmp_path, capfd, record_property):
     records, ck, common = saved
     copy = tmp_path / "ck"
     shutil.copytree(ck, copy)
@@ -118,6 +122,9 @@ def test_corrupted_rank_file_is_detected_and_skipped(saved, tmp_path, capfd):
                            capture_output=True, text=True, check=True).stdout
     assert re.search(r"rank_00000.pt  [\d,]+ bytes  CRC-32 ok", shown), shown
     assert re.search(r"rank_00001.pt  [\d,]+ bytes  rank_00001.pt is corrupted", shown), shown
+    record_property("observed", "one byte flipped in the newest checkpoint's rank_00001.pt (size unchanged): --load "
+                                "DIR warned naming it and resumed bitwise from the previous one (saved without "
+                                "checksums, checked by size); --load DIR/iter_0000006 failed on both ranks naming it")
 
 
 def _main(rank, world, argv):
@@ -125,7 +132,8 @@ def _main(rank, world, argv):
 
 
 @pytest.mark.fault("two-runs-same-save")
-def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path, corpus, capfd):
+def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path, corpus, capfd,
+                                                                           record_property):
     ck = tmp_path / "ck"
     flags = corpus + FLAGS + ["--eval-interval", "0", "--save", str(ck)]
     first = torchrun(tmp_path, "first", flags + ["--train-iters", "100000"])
@@ -150,6 +158,9 @@ def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp
     assert f"taking over from a run that ended without releasing it ({holder})" in capfd.readouterr().out
     assert (ck / ".lock").read_text() == ""  # released at the end
     assert checkpoint.read_latest(str(ck)) == "iter_0000002"
+    record_property("observed", "a second 2-rank run on a running run's --save failed on both ranks at start-up, "
+                                f"naming the holder ({holder.split(' on ')[0]}); after the holder was SIGKILLed the "
+                                "next run took the lock over and released it at exit")
 
 
 def _verify_other_dirs(rank, world, dirs):
