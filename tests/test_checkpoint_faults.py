@@ -159,8 +159,8 @@ def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp
     assert (ck / ".lock").read_text() == ""  # released at the end
     assert checkpoint.read_latest(str(ck)) == "iter_0000002"
     record_property("observed", "a second 2-rank run on a running run's --save failed on both ranks at start-up, "
-                                f"naming the holder ({holder.split(' on ')[0]}); after the holder was SIGKILLed the "
-                                "next run took the lock over and released it at exit")
+                                "naming the holder's pid and host; after the holder was SIGKILLed the next run took "
+                                "the lock over and released it at exit")
 
 
 def _verify_other_dirs(rank, world, dirs):

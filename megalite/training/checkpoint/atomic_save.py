@@ -66,6 +66,10 @@ def _write_failure(path: str, exc: BaseException, needed: int, total: int) -> st
             f"{needed:,} bytes and the whole checkpoint about {total:,}; {free}")
 
 
+class SaveFailed(RuntimeError):
+    """A save that every rank knows has failed (as opposed to a collective that broke)."""
+
+
 def _agree(outcome, what: str, save_dir: str, name: str, world_size: int) -> list:
     """Every rank's (value, error), gathered; each rank raises the same error when any rank failed,
     so no rank goes on to a collective its peers will never join."""
@@ -73,7 +77,7 @@ def _agree(outcome, what: str, save_dir: str, name: str, world_size: int) -> lis
     dist.all_gather_object(outcomes, outcome, group=dist.group.WORLD)
     errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(outcomes) if err]
     if errors:
-        raise RuntimeError(f"checkpoint save of {name} failed while {what}, nothing was committed ('latest' "
+        raise SaveFailed(f"checkpoint save of {name} failed while {what}, nothing was committed ('latest' "
                            f"still names {read_latest(save_dir)}): {'; '.join(errors)}. Free space on the disk "
                            "of --save, or point --save elsewhere, then resume")
     return [value for value, _ in outcomes]
@@ -121,7 +125,7 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
         written, failed = None, _write_failure(path, exc, sum(t.nbytes for t in mine.values()), total)
     try:
         files = _agree((written, failed), "writing the rank files", save_dir, name, dims.world_size)
-    except RuntimeError:
+    except SaveFailed:
         if dims.rank == 0:  # every rank is past its write: give the space back
             shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,6 +151,6 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
             verdict = [f"committing failed ({type(exc).__name__}: {exc})"]
     dist.broadcast_object_list(verdict, src=0, group=dist.group.WORLD)  # rank 0's commit, told to all
     if verdict[0]:
-        raise RuntimeError(f"checkpoint save of {name} failed on rank 0: {verdict[0]} ('latest' names "
+        raise SaveFailed(f"checkpoint save of {name} failed on rank 0: {verdict[0]} ('latest' names "
                            f"{read_latest(save_dir)})")
     return os.path.join(save_dir, name)
