@@ -56,7 +56,7 @@ def build(hidden: int, tp: int):
     cfg = C.parse(["--num-layers", "4", "--hidden-size", str(hidden), "--num-attention-heads", "8",
                    "--seq-length", "64", "--tensor-parallel-size", str(tp), "--micro-batch-size", "1"])
     cfg.train.global_batch_size = dist.get_world_size() // tp
-    dims = ParallelDims.build(cfg.parallel, "cpu")
+    dims = ParallelDims.build(cfg.parallel)
     model = unwrap(parallelize(GPT(cfg.model, VOCAB), dims, cfg, torch.device("cpu")))
     opt = build_optimizer(model, cfg.train)
     for p in model.parameters():

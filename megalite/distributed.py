@@ -75,13 +75,13 @@ def init(cfg: Config) -> torch.device:
 def shutdown() -> None:
     """Destroy every process group so that none outlives this call; the one teardown path.
 
-    Call it after everything that holds a group (model, DDP, ParallelDims and its DeviceMesh) is
-    out of scope, and not while an exception traceback still pins their frames. Order matters:
-    a DeviceMesh keeps strong references to its groups inside a reference cycle (root mesh <->
-    flattened child), so only the cycle collector frees it. If that happens at interpreter exit,
-    a gloo group's C++ destructor runs during teardown and aborts the process ("terminate called
-    without an active exception", about one 2-rank run in three under torch 2.13). Collecting
-    first leaves the groups owned by c10d's registry alone, so destroy_process_group frees them
+    Call it after everything that holds a group (model, DDP, ParallelDims) is out of scope, and
+    not while an exception's traceback still pins their frames. A group that is still referenced
+    here is destroyed later, by whoever drops the last reference; at interpreter exit that runs
+    gloo's C++ destructor during teardown, which aborts the process ("terminate called without an
+    active exception"; with torch 2.13's DeviceMesh, whose reference cycles kept its groups alive,
+    about one finished 2-rank run in three). Collecting garbage first frees objects in reference
+    cycles while the groups are still registered, so destroy_process_group frees every group
     while the interpreter is whole.
     """
     if dist.is_initialized():

@@ -214,7 +214,7 @@ def _partition_map_at_tp2(rank, world, save_dir):
     # A new layer is checkpointed (and resharded) from its attribute alone: no class list to extend.
     model.layers[0].scale = _ColumnScale(rank)
     assert checkpoint.partition_dims(model) == {**want, "layers.0.scale.weight": 1}
-    dims = ParallelDims.build(cfg.parallel, "cpu")
+    dims = ParallelDims.build(cfg.parallel)
     ck = checkpoint.save(save_dir, 1, 0, model, torch.optim.AdamW(model.parameters()), dims, cfg)
     entry = checkpoint.read_meta(ck)["tensors"]["model/layers.0.scale.weight"]
     assert (entry["dim"], entry["shape"], len(entry["files"])) == (1, [3, 4], 2)

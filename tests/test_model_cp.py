@@ -81,7 +81,7 @@ def _model_checks(rank, world):
             for kw in VARIANTS:
                 _check(kw, cp_group, comm)
     dims = ParallelDims.build(ParallelConfig(tensor_parallel_size=2, context_parallel_size=2,
-                                             sequence_parallel=True), "cpu")
+                                             sequence_parallel=True))
     for comm in ("p2p", "a2a"):
         for kw in VARIANTS:
             _check(kw, dims.cp_group, comm, dims.tp_group, sp=True)

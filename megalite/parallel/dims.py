@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import ConfigError, ParallelConfig
 
@@ -35,30 +34,31 @@ class ParallelDims:
     dp: int
     cp: int
     tp: int
-    mesh: DeviceMesh  # dims ("dp", "cp", "tp")
+    tp_group: dist.ProcessGroup  # consecutive ranks
+    cp_group: dist.ProcessGroup  # ranks TP apart, same DP index
     dp_cp_group: dist.ProcessGroup  # DP x CP flattened: the ranks that share this rank's TP index
     sequence_parallel: bool = False
 
     @staticmethod
-    def build(cfg: ParallelConfig, device_type: str) -> "ParallelDims":
-        """Build the grid over the already-initialised default process group."""
+    def build(cfg: ParallelConfig) -> "ParallelDims":
+        """Build the grid over the already-initialised default process group.
+
+        Plain groups from the public API, each bounded by --distributed-timeout-minutes (groups
+        made without a timeout get torch's default, 10 or 30 minutes, whatever the user asked).
+        Every rank creates every subgroup, in the same order; the backend is the default group's."""
         world, rank = dist.get_world_size(), dist.get_rank()
         tp, cp = cfg.tensor_parallel_size, cfg.context_parallel_size
         dp = check_layout(world, tp, cp)
-        mesh = init_device_mesh(device_type, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))
-        # Built with the public API rather than DeviceMesh._flatten (private); every rank creates
-        # every subgroup, in the same order.
-        dp_cp, _ = dist.new_subgroups_by_enumeration([list(range(t, world, tp)) for t in range(tp)],
-                                                     timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
-        return ParallelDims(world, rank, dp, cp, tp, mesh, dp_cp, cfg.sequence_parallel and tp > 1)
+        timeout = timedelta(minutes=cfg.distributed_timeout_minutes)
 
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("tp")
+        def group(enumeration):
+            return dist.new_subgroups_by_enumeration(enumeration, timeout=timeout)[0]
 
-    @property
-    def cp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("cp")
+        tp_group = group([list(range(s, s + tp)) for s in range(0, world, tp)])
+        cp_group = group([[(d * cp + c) * tp + t for c in range(cp)] for d in range(dp) for t in range(tp)])
+        dp_cp_group = group([list(range(t, world, tp)) for t in range(tp)])
+        return ParallelDims(world, rank, dp, cp, tp, tp_group, cp_group, dp_cp_group,
+                            cfg.sequence_parallel and tp > 1)
 
     @property
     def tp_rank(self) -> int:

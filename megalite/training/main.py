@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     lock = checkpoint.lock_save_dir(cfg.checkpoint.save, log) if cfg.checkpoint.save else None
     if ckpt_dir is not None:
         ckpt_dir = checkpoint.verify_load_dir(cfg.checkpoint.load, ckpt_dir, cfg, vocab, log)
-    dims = ParallelDims.build(cfg.parallel, device.type)
+    dims = ParallelDims.build(cfg.parallel)
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     n_params, n_matmul = model.num_params(), model.num_params(matmul_only=True)  # before TP shards them
     model = parallelize(model, dims, cfg, device)
@@ -138,7 +138,7 @@ def cli() -> None:
     """Run main() and exit with its code: 0 done, 2 configuration or data error, 1 any other failure.
 
     Failures are reported, then dropped before the process groups are torn down: a live
-    traceback would keep the model and the mesh (and with them the groups) alive past
+    traceback would keep the model and the grid (and with them the groups) alive past
     distributed.shutdown(), into interpreter exit."""
     try:
         code = main()
