@@ -22,6 +22,7 @@ deserialisation and copying rather than the disk. Ranks are spawned gloo process
 
 Writes benchmarks/results/checkpoint.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megalite import config as C, distributed
+from megalite import config as C
+from megalite import distributed
 from megalite.model import GPT
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import parallelize, unwrap
@@ -53,8 +55,22 @@ VOCAB = 32000
 
 
 def build(hidden: int, tp: int):
-    cfg = C.parse(["--num-layers", "4", "--hidden-size", str(hidden), "--num-attention-heads", "8",
-                   "--seq-length", "64", "--tensor-parallel-size", str(tp), "--micro-batch-size", "1"])
+    cfg = C.parse(
+        [
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            str(hidden),
+            "--num-attention-heads",
+            "8",
+            "--seq-length",
+            "64",
+            "--tensor-parallel-size",
+            str(tp),
+            "--micro-batch-size",
+            "1",
+        ]
+    )
     cfg.train.global_batch_size = dist.get_world_size() // tp
     dims = ParallelDims.build(cfg.parallel)
     model = unwrap(parallelize(GPT(cfg.model, VOCAB), dims, cfg, torch.device("cpu")))
@@ -103,18 +119,30 @@ def measure(world, root, hiddens, repeats) -> list[dict]:
         meta = checkpoint.read_meta(ckpt)
         verify_s = timed(lambda: integrity.verify(ckpt, meta), repeats)
         dense = meta["tensors"]
-        row = {"hidden": hidden, "world": world, "layout": f"TP={tp} DP={world // tp}",
-               "params_m": sum(math.prod(e["shape"][1:]) * e.get("real", e["shape"][0])
-                               for k, e in dense.items() if k.startswith("model/")) / 1e6,
-               "save_s": save_s, "load_s": load_s, "verify_s": verify_s}
+        row = {
+            "hidden": hidden,
+            "world": world,
+            "layout": f"TP={tp} DP={world // tp}",
+            "params_m": sum(
+                math.prod(e["shape"][1:]) * e.get("real", e["shape"][0])
+                for k, e in dense.items()
+                if k.startswith("model/")
+            )
+            / 1e6,
+            "save_s": save_s,
+            "load_s": load_s,
+            "verify_s": verify_s,
+        }
         row["bytes"], row["largest_file_bytes"] = dir_bytes(ckpt)
         if world == 1:
             four = os.path.join(root, f"h{hidden}_w4", "iter_0000001")
             row["reshard_load_from_tp2_s"] = timed(
-                lambda: checkpoint.load(four, model, opt, dims, cfg, log=lambda *a: None), repeats)
+                lambda: checkpoint.load(four, model, opt, dims, cfg, log=lambda *a: None), repeats
+            )
             flat = os.path.join(root, f"h{hidden}_flat.pt")
             row["baseline_torch_save_s"] = timed(
-                lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, flat), repeats)
+                lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, flat), repeats
+            )
             row["baseline_bytes"] = os.path.getsize(flat)
         results.append(row)
     return results
@@ -123,8 +151,13 @@ def measure(world, root, hiddens, repeats) -> list[dict]:
 def hash_throughput(repeats: int) -> dict[str, float]:
     """GB/s of each standard-library checksum on one core (best of `repeats`)."""
     data = os.urandom(64 << 20)
-    hashes = {"crc32": zlib.crc32, "adler32": zlib.adler32, "sha1": lambda b: hashlib.sha1(b).digest(),
-              "md5": lambda b: hashlib.md5(b).digest(), "blake2b": lambda b: hashlib.blake2b(b).digest()}
+    hashes = {
+        "crc32": zlib.crc32,
+        "adler32": zlib.adler32,
+        "sha1": lambda b: hashlib.sha1(b).digest(),
+        "md5": lambda b: hashlib.md5(b).digest(),
+        "blake2b": lambda b: hashlib.blake2b(b).digest(),
+    }
     out = {}
     for name, fn in hashes.items():
         best = min(_seconds(fn, data) for _ in range(repeats))
@@ -178,21 +211,36 @@ def main():
     finally:
         shutil.rmtree(root, ignore_errors=True)
     hashes = hash_throughput(a.repeats)
-    print(f"{'hidden':>6} {'params':>8} {'ranks':>5} {'layout':>10} {'bytes':>13} {'largest file':>13} "
-          f"{'save s':>7} {'load s':>7} {'verify s':>8} {'reshard s':>9} {'torch.save s':>12}")
+    print(
+        f"{'hidden':>6} {'params':>8} {'ranks':>5} {'layout':>10} {'bytes':>13} {'largest file':>13} "
+        f"{'save s':>7} {'load s':>7} {'verify s':>8} {'reshard s':>9} {'torch.save s':>12}"
+    )
     nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["hidden"], r["world"])):
-        print(f"{r['hidden']:>6} {r['params_m']:>7.1f}M {r['world']:>5} {r['layout']:>10} {r['bytes']:>13,} "
-              f"{r['largest_file_bytes']:>13,} {r['save_s']:>7.3f} {r['load_s']:>7.3f} {r['verify_s']:>8.3f} "
-              f"{r.get('reshard_load_from_tp2_s', nan):>9.3f} {r.get('baseline_torch_save_s', nan):>12.3f}")
+        print(
+            f"{r['hidden']:>6} {r['params_m']:>7.1f}M {r['world']:>5} {r['layout']:>10} {r['bytes']:>13,} "
+            f"{r['largest_file_bytes']:>13,} {r['save_s']:>7.3f} {r['load_s']:>7.3f} {r['verify_s']:>8.3f} "
+            f"{r.get('reshard_load_from_tp2_s', nan):>9.3f} {r.get('baseline_torch_save_s', nan):>12.3f}"
+        )
     print("checksum GB/s on one core: " + ", ".join(f"{k} {v:.2f}" for k, v in hashes.items()))
-    print(f"writing a {overhead['mib']} MiB rank file: {overhead['plain_s']:.3f} s plain, {overhead['crc32_s']:.3f} s "
-          f"with its CRC-32 ({overhead['overhead']:+.1%})")
+    print(
+        f"writing a {overhead['mib']} MiB rank file: {overhead['plain_s']:.3f} s plain, {overhead['crc32_s']:.3f} s "
+        f"with its CRC-32 ({overhead['overhead']:+.1%})"
+    )
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as fh:
-        json.dump({"device": "cpu", "torch": torch.__version__, "note": "loads hit the page cache; "
-                   "4 ranks share the machine's cores", "rows": rows,
-                   "checksum_gbps_one_core": hashes, "checksum_overhead": overhead}, fh, indent=1)
+        json.dump(
+            {
+                "device": "cpu",
+                "torch": torch.__version__,
+                "note": "loads hit the page cache; 4 ranks share the machine's cores",
+                "rows": rows,
+                "checksum_gbps_one_core": hashes,
+                "checksum_overhead": overhead,
+            },
+            fh,
+            indent=1,
+        )
     print(f"wrote {OUT}")
 
 

@@ -21,6 +21,7 @@ error    Forward + backward error of bf16 ring attention against a float64 full-
 
 Writes benchmarks/results/cp.json and cp.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,16 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # ---- spawning: each part runs in fresh ranks; rank 0 returns its result through a file ----
 
+
 def _entry(rank, world, fn, args, tmp):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
-                            world_size=world, timeout=timedelta(minutes=20))
+    dist.init_process_group(
+        "gloo",
+        store=dist.FileStore(os.path.join(tmp, "store"), world),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(minutes=20),
+    )
     out = fn(rank, world, *args)
     if rank == 0:
         torch.save(out, os.path.join(tmp, "result.pt"))
@@ -66,11 +73,14 @@ def spawn(fn, world, *args):
 
 def _inputs(seed, b, s, h, g, d, dtype):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen).to(dtype) for shape in
-            [(b, s, h, d), (b, s, g, d), (b, s, g, d), (b, s, h, d)]]
+    return [
+        torch.randn(shape, generator=gen).to(dtype)
+        for shape in [(b, s, h, d), (b, s, g, d), (b, s, g, d), (b, s, h, d)]
+    ]
 
 
 # ---- comm ----
+
 
 class ByteCounter:
     """Wraps the collectives and p2p calls the CP code uses; counts bytes this rank sends."""
@@ -85,13 +95,19 @@ class ByteCounter:
         def wrapped(*args, **kw):
             self.sent += count(*args, **kw)
             return orig(*args, **kw)
+
         self._saved.append((owner, name, orig))
         setattr(owner, name, wrapped)
 
     def __enter__(self):
-        ring = lambda t, group: (dist.get_world_size(group) - 1) / dist.get_world_size(group) * t.numel() * t.element_size()
-        self._wrap(dist, "batch_isend_irecv", lambda ops: sum(
-            o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend))
+        def ring(t, group):
+            return (dist.get_world_size(group) - 1) / dist.get_world_size(group) * t.numel() * t.element_size()
+
+        self._wrap(
+            dist,
+            "batch_isend_irecv",
+            lambda ops: sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend),
+        )
         self._wrap(dist, "all_to_all_single", lambda out, inp, group=None, **_: ring(inp, group))
         self._wrap(all_gather_attention, "all_gather_flat", lambda out, inp, group=None: ring(out, group))
         self._wrap(all_gather_attention, "reduce_scatter_flat", lambda out, inp, group=None: ring(inp, group))
@@ -114,13 +130,22 @@ def comm_part(rank, world, a):
             out = attend(qq, kk, vv, dist.group.WORLD)
         with ByteCounter() as bwd:
             out.backward(dout)
-        rows.append(dict(cp=world, comm_type=comm, forward_bytes=fwd.sent, backward_bytes=bwd.sent,
-                         theory_ring_bytes=theory, ratio=(fwd.sent + bwd.sent) / theory,
-                         kv_bytes_if_gqa_expanded_ratio=h / g))
+        rows.append(
+            dict(
+                cp=world,
+                comm_type=comm,
+                forward_bytes=fwd.sent,
+                backward_bytes=bwd.sent,
+                theory_ring_bytes=theory,
+                ratio=(fwd.sent + bwd.sent) / theory,
+                kv_bytes_if_gqa_expanded_ratio=h / g,
+            )
+        )
     return rows
 
 
 # ---- balance ----
+
 
 def balance_part(rank, world, a):
     b, s, h, g, d = 1, a.seq_balance, 4, 4, 32
@@ -142,12 +167,19 @@ def balance_part(rank, world, a):
     c = s // world  # contiguous: own causal block, full blocks from every earlier rank
     contiguous = [c * (c + 1) // 2 + r * c * c for r in range(world)]
     total = s * (s + 1) // 2
-    return dict(cp=world, seq=s, needed_pairs=total, zigzag_pairs=zigzag, contiguous_pairs=contiguous,
-                zigzag_max_over_mean=max(zigzag) / (sum(zigzag) / world),
-                contiguous_max_over_mean=max(contiguous) / (sum(contiguous) / world))
+    return dict(
+        cp=world,
+        seq=s,
+        needed_pairs=total,
+        zigzag_pairs=zigzag,
+        contiguous_pairs=contiguous,
+        zigzag_max_over_mean=max(zigzag) / (sum(zigzag) / world),
+        contiguous_max_over_mean=max(contiguous) / (sum(contiguous) / world),
+    )
 
 
 # ---- memory ----
+
 
 def saved_bytes(module, *inputs):
     """Bytes of distinct non-parameter storages saved for backward by one forward."""
@@ -166,8 +198,16 @@ def saved_bytes(module, *inputs):
 
 
 def memory_part(rank, world, a):
-    cfg = ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=8, group_query_attention=True,
-                      num_query_groups=2, swiglu=True, normalization="RMSNorm", seq_length=a.seq_mem)
+    cfg = ModelConfig(
+        num_layers=1,
+        hidden_size=256,
+        num_attention_heads=8,
+        group_query_attention=True,
+        num_query_groups=2,
+        swiglu=True,
+        normalization="RMSNorm",
+        seq_length=a.seq_mem,
+    )
     model = GPT(cfg, 1000, seed=1)
     if world > 1:
         apply_cp(model, dist.group.WORLD, "p2p")
@@ -180,12 +220,14 @@ def memory_part(rank, world, a):
 
 # ---- error ----
 
+
 def error_part(rank, world, a):
     b, s, h, g, d = 1, a.seq_err, 4, 2, 64
     q, k, v, dout = _inputs(2, b, s, h, g, d, torch.bfloat16)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qr, kr, vr)), is_causal=True,
-                                         enable_gqa=True).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (qr, kr, vr)), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
     ref.backward(dout.double())
     want = [zigzag_split(t.detach(), 1, world, rank) for t in (ref, qr.grad, kr.grad, vr.grad)]
     ql, kl, vl = (zigzag_split(t, 1, world, rank).requires_grad_() for t in (q, k, v))
@@ -193,22 +235,30 @@ def error_part(rank, world, a):
     out.backward(zigzag_split(dout, 1, world, rank))
     stats = []
     for got, ref_t in zip((out, ql.grad, kl.grad, vl.grad), want):
-        err = (got.double() - ref_t)
+        err = got.double() - ref_t
         t = torch.stack([err.abs().max(), ref_t.abs().max(), err.pow(2).sum(), ref_t.pow(2).sum()])
         dist.all_reduce(t[:2], op=dist.ReduceOp.MAX)
         dist.all_reduce(t[2:])
         stats.append(dict(max_rel=(t[0] / t[1]).item(), rms_rel=(t[2] / t[3]).sqrt().item()))
     names = ("out", "dq", "dk", "dv")
-    return dict(cp=world, seq=s, **{n: st for n, st in zip(names, stats)},
-                worst_max_rel=max(st["max_rel"] for st in stats), worst_rms_rel=max(st["rms_rel"] for st in stats))
+    return dict(
+        cp=world,
+        seq=s,
+        **{n: st for n, st in zip(names, stats)},
+        worst_max_rel=max(st["max_rel"] for st in stats),
+        worst_rms_rel=max(st["rms_rel"] for st in stats),
+    )
 
 
 # ---- report ----
 
+
 def plot(res, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
     if "comm" in res:
         rows = res["comm"]
@@ -256,13 +306,17 @@ def main():
     if "comm" in a.parts:
         res["comm"] = [row for cp in (2, 4) for row in spawn(comm_part, cp, a)]
         for r in res["comm"]:
-            print(f"comm  CP={r['cp']} {r['comm_type']:10} fwd {r['forward_bytes'] / 2**20:7.3f} MiB  "
-                  f"bwd {r['backward_bytes'] / 2**20:7.3f} MiB  ring theory {r['theory_ring_bytes'] / 2**20:7.3f} MiB  "
-                  f"ratio {r['ratio']:.3f}")
+            print(
+                f"comm  CP={r['cp']} {r['comm_type']:10} fwd {r['forward_bytes'] / 2**20:7.3f} MiB  "
+                f"bwd {r['backward_bytes'] / 2**20:7.3f} MiB  ring theory {r['theory_ring_bytes'] / 2**20:7.3f} MiB  "
+                f"ratio {r['ratio']:.3f}"
+            )
     if "balance" in a.parts:
         r = res["balance"] = spawn(balance_part, 4, a)
-        print(f"balance CP=4 seq {r['seq']}: zigzag max/mean {r['zigzag_max_over_mean']:.4f}, "
-              f"contiguous {r['contiguous_max_over_mean']:.4f}; pairs per rank zigzag {r['zigzag_pairs']}")
+        print(
+            f"balance CP=4 seq {r['seq']}: zigzag max/mean {r['zigzag_max_over_mean']:.4f}, "
+            f"contiguous {r['contiguous_max_over_mean']:.4f}; pairs per rank zigzag {r['zigzag_pairs']}"
+        )
     if "memory" in a.parts:
         res["memory"] = [spawn(memory_part, cp, a) for cp in (1, 4)]
         ratio = res["memory"][1]["saved_bytes"] / res["memory"][0]["saved_bytes"]

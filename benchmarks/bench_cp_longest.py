@@ -13,6 +13,7 @@ and the README's benchmark table.
 
 Writes benchmarks/results/cp_longest.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def worker(rank, world, argv, tmp):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), world), rank=rank,
-                            world_size=world, timeout=timedelta(hours=2))
+    dist.init_process_group(
+        "gloo",
+        store=dist.FileStore(os.path.join(tmp, "store"), world),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(hours=2),
+    )
     from megalite.training.main import main
+
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     main(argv)
@@ -49,18 +56,48 @@ def worker(rank, world, argv, tmp):
 
 
 def run(seq, a):
-    argv = ["--context-parallel-size", str(a.cp), "--seq-length", str(seq), "--micro-batch-size", "1",
-            "--train-iters", "1", "--eval-iters", "0", "--num-layers", str(a.layers),
-            "--hidden-size", str(a.hidden), "--num-attention-heads", str(a.heads), "--group-query-attention",
-            "--num-query-groups", str(a.heads // 2), "--swiglu", "--normalization", "RMSNorm",
-            "--cp-comm-type", "p2p", "--device", "cpu"]
+    argv = [
+        "--context-parallel-size",
+        str(a.cp),
+        "--seq-length",
+        str(seq),
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "1",
+        "--eval-iters",
+        "0",
+        "--num-layers",
+        str(a.layers),
+        "--hidden-size",
+        str(a.hidden),
+        "--num-attention-heads",
+        str(a.heads),
+        "--group-query-attention",
+        "--num-query-groups",
+        str(a.heads // 2),
+        "--swiglu",
+        "--normalization",
+        "RMSNorm",
+        "--cp-comm-type",
+        "p2p",
+        "--device",
+        "cpu",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         argv += ["--log-dir", tmp]
         mp.spawn(worker, args=(a.cp, argv, tmp), nprocs=a.cp)
         ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(a.cp)]
         step = json.loads(open(os.path.join(tmp, "metrics.jsonl")).readline())
-    return dict(seq=seq, cp=a.cp, tokens_per_rank=seq // a.cp, step_time_s=step["step_time"],
-                loss=step["loss"], per_rank=ranks, max_peak_rss_gib=max(r["peak_rss_gib"] for r in ranks))
+    return dict(
+        seq=seq,
+        cp=a.cp,
+        tokens_per_rank=seq // a.cp,
+        step_time_s=step["step_time"],
+        loss=step["loss"],
+        per_rank=ranks,
+        max_peak_rss_gib=max(r["peak_rss_gib"] for r in ranks),
+    )
 
 
 def main():
@@ -75,14 +112,30 @@ def main():
     done = json.load(open(out))["runs"] if os.path.exists(out) else []
     for seq in a.seq:
         r = run(seq, a)
-        print(f"seq {seq} CP={a.cp}: one step {r['step_time_s']:.1f} s, loss {r['loss']:.3f}; peak RSS per rank "
-              + ", ".join(f"{x['peak_rss_gib']:.2f}" for x in r["per_rank"]) + " GiB", flush=True)
+        print(
+            f"seq {seq} CP={a.cp}: one step {r['step_time_s']:.1f} s, loss {r['loss']:.3f}; peak RSS per rank "
+            + ", ".join(f"{x['peak_rss_gib']:.2f}" for x in r["per_rank"])
+            + " GiB",
+            flush=True,
+        )
         done = [d for d in done if (d["seq"], d["cp"]) != (seq, a.cp)] + [r]
     os.makedirs(RESULTS, exist_ok=True)
     with open(out, "w") as fh:
-        json.dump(dict(setup=dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.heads // 2,
-                                  torch=torch.__version__, machine="2 cores, 24 GiB, gloo, 1 thread per rank"),
-                       runs=sorted(done, key=lambda d: (d["cp"], d["seq"]))), fh, indent=1)
+        json.dump(
+            dict(
+                setup=dict(
+                    layers=a.layers,
+                    hidden=a.hidden,
+                    heads=a.heads,
+                    kv_heads=a.heads // 2,
+                    torch=torch.__version__,
+                    machine="2 cores, 24 GiB, gloo, 1 thread per rank",
+                ),
+                runs=sorted(done, key=lambda d: (d["cp"], d["seq"])),
+            ),
+            fh,
+            indent=1,
+        )
     print(f"wrote {out}")
 
 

@@ -14,6 +14,7 @@ are intact.
 Writes benchmarks/results/faults.json and faults.md and prints the table; --update-readme also
 replaces the table in README.md's "Faults tried" section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 README_START, README_END = "<!-- faults-table:start -->", "<!-- faults-table:end -->"
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from faults import ROWS  # the one table of row texts, shared with the tests
+from faults import ROWS  # noqa: E402 - the one table of row texts, shared with the tests
 
 
 def _env() -> dict:
@@ -90,19 +91,29 @@ def run_row(row_id: str, nodes: list[str], repeats: int, tmp: str) -> dict:
     if passed == len(runs):
         observed = "; ".join(dict.fromkeys(o for r in runs for o in r["observed"])) or "as expected"
     else:
-        observed = f"did not pass in {len(runs) - passed} of {len(runs)} runs: " + next(r["problem"] for r in runs if not r["ok"])
-    return dict(result, observed=observed, passed=passed, runs=len(runs), seconds=[r["seconds"] for r in runs],
-                data_lost="none" if passed == len(runs) else "unknown: a run failed")
+        observed = f"did not pass in {len(runs) - passed} of {len(runs)} runs: " + next(
+            r["problem"] for r in runs if not r["ok"]
+        )
+    return dict(
+        result,
+        observed=observed,
+        passed=passed,
+        runs=len(runs),
+        seconds=[r["seconds"] for r in runs],
+        data_lost="none" if passed == len(runs) else "unknown: a run failed",
+    )
 
 
 def table(results: list[dict]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| fault | expected outcome | observed | runs (passed/total) | data lost |", "|---|---|---|---|---|"]
     for r in results:
         runs = f"{r['passed']}/{r['runs']}" if r["runs"] else "-"
-        lines.append("| " + " | ".join(cell(x) for x in (r["fault"], r["expected"], r["observed"], runs,
-                                                            r["data_lost"])) + " |")
+        lines.append(
+            "| " + " | ".join(cell(x) for x in (r["fault"], r["expected"], r["observed"], runs, r["data_lost"])) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +125,7 @@ def update_readme(md: str) -> None:
     if start < 0 or end < start:
         raise SystemExit(f"README.md has no {README_START} ... {README_END} block to replace")
     with open(path, "w") as fh:
-        fh.write(text[:start + len(README_START)] + "\n" + md + text[end:])
+        fh.write(text[: start + len(README_START)] + "\n" + md + text[end:])
 
 
 def main() -> None:
@@ -129,7 +140,10 @@ def main() -> None:
         for row_id in args.rows:
             results.append(run_row(row_id, nodes.get(row_id, []), args.repeats or ROWS[row_id]["repeats"], tmp))
             r = results[-1]
-            print(f"{row_id}: " + (f"{r['passed']}/{r['runs']} runs passed" if r["runs"] else "not yet tested"), flush=True)
+            print(
+                f"{row_id}: " + (f"{r['passed']}/{r['runs']} runs passed" if r["runs"] else "not yet tested"),
+                flush=True,
+            )
     md = table(results)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "faults.json"), "w") as fh:

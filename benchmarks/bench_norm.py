@@ -14,6 +14,7 @@ native and >= 80% of copy bandwidth. Each Triton result is checked against torch
 
 Writes benchmarks/results/norm_<gpu>.json. Without CUDA it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def available_impls(use_compile: bool) -> list[str]:
         impls.append("compile")
     try:
         import apex.normalization.fused_layer_norm  # noqa: F401
+
         impls.append("apex")
     except ImportError:
         pass
@@ -63,8 +65,15 @@ def check_triton(kind, x, w, b, r, eps):
     """The compiled kernels are only tested in the interpreter in CI: compare with torch here."""
     with torch.no_grad():
         got = fused_norm(x, w, b, eps, r, kind=kind, impl="triton")
-        want = fused_norm(x.float(), w.float(), None if b is None else b.float(), eps,
-                          None if r is None else r, kind=kind, impl="torch")
+        want = fused_norm(
+            x.float(),
+            w.float(),
+            None if b is None else b.float(),
+            eps,
+            None if r is None else r,
+            kind=kind,
+            impl="torch",
+        )
     got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
     for g, e in zip(got, want):
         torch.testing.assert_close(g.float(), e.to(g.dtype).float(), rtol=2e-2, atol=2e-2)
@@ -98,9 +107,20 @@ def bench_case(do_bench, impls, kind, dtype_name, hidden, rows, residual, eps=1e
         fwd_bwd()
         f_ms = do_bench(fwd, return_mode="median")
         fb_ms = do_bench(fwd_bwd, grad_to_none=leaves, return_mode="median")
-        out.append(dict(kind=kind, dtype=dtype_name, hidden=hidden, rows=rows, residual=residual, impl=impl,
-                        fwd_ms=f_ms, fwd_gbps=fwd_bytes / f_ms / 1e6,
-                        fwd_bwd_ms=fb_ms, fwd_bwd_gbps=(fwd_bytes + bwd_bytes) / fb_ms / 1e6))
+        out.append(
+            dict(
+                kind=kind,
+                dtype=dtype_name,
+                hidden=hidden,
+                rows=rows,
+                residual=residual,
+                impl=impl,
+                fwd_ms=f_ms,
+                fwd_gbps=fwd_bytes / f_ms / 1e6,
+                fwd_bwd_ms=fb_ms,
+                fwd_bwd_gbps=(fwd_bytes + bwd_bytes) / fb_ms / 1e6,
+            )
+        )
     return out
 
 
@@ -108,15 +128,26 @@ def check_targets(results, copy_gbps):
     """The issue's targets at hidden 4096 bf16, per kind (without residual)."""
     checks = []
     for kind in sorted({r["kind"] for r in results}):
-        pick = {r["impl"]: r for r in results if r["kind"] == kind and r["hidden"] == TARGET_HIDDEN
-                and r["dtype"] == TARGET_DTYPE and not r["residual"]}
+        pick = {
+            r["impl"]: r
+            for r in results
+            if r["kind"] == kind and r["hidden"] == TARGET_HIDDEN and r["dtype"] == TARGET_DTYPE and not r["residual"]
+        }
         if "triton" not in pick:
             continue
         speedup = pick["torch"]["fwd_bwd_ms"] / pick["triton"]["fwd_bwd_ms"]
         fraction = pick["triton"]["fwd_bwd_gbps"] / copy_gbps
-        checks.append(dict(kind=kind, speedup_vs_torch=speedup, speedup_target=TARGET_SPEEDUP,
-                           speedup_met=speedup >= TARGET_SPEEDUP, copy_fraction=fraction,
-                           copy_fraction_target=TARGET_COPY_FRACTION, copy_fraction_met=fraction >= TARGET_COPY_FRACTION))
+        checks.append(
+            dict(
+                kind=kind,
+                speedup_vs_torch=speedup,
+                speedup_target=TARGET_SPEEDUP,
+                speedup_met=speedup >= TARGET_SPEEDUP,
+                copy_fraction=fraction,
+                copy_fraction_target=TARGET_COPY_FRACTION,
+                copy_fraction_met=fraction >= TARGET_COPY_FRACTION,
+            )
+        )
     return checks
 
 
@@ -140,32 +171,53 @@ def main(argv=None):
     copy_gbps = copy_bandwidth(do_bench, DEVICE)
     impls = available_impls(not a.no_compile)
     print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  copy bandwidth {copy_gbps:.0f} GB/s")
-    print(f"{'kind':9} {'dtype':5} {'hidden':>6} {'res':>3} {'impl':8} {'fwd ms':>8} {'GB/s':>6} "
-          f"{'f+b ms':>8} {'GB/s':>6} {'vs torch':>8}")
+    print(
+        f"{'kind':9} {'dtype':5} {'hidden':>6} {'res':>3} {'impl':8} {'fwd ms':>8} {'GB/s':>6} "
+        f"{'f+b ms':>8} {'GB/s':>6} {'vs torch':>8}"
+    )
     results = []
     for kind in a.kinds:
         for dtype_name in a.dtypes:
             for hidden in a.hidden:
-                for residual in ([False, True] if a.residual else [False]):
+                for residual in [False, True] if a.residual else [False]:
                     case = bench_case(do_bench, impls, kind, dtype_name, hidden, a.rows, residual)
                     base = next(r for r in case if r["impl"] == "torch")["fwd_bwd_ms"]
                     for r in case:
-                        print(f"{kind:9} {dtype_name:5} {hidden:6d} {'yes' if residual else 'no':>3} {r['impl']:8} "
-                              f"{r['fwd_ms']:8.3f} {r['fwd_gbps']:6.0f} {r['fwd_bwd_ms']:8.3f} "
-                              f"{r['fwd_bwd_gbps']:6.0f} {base / r['fwd_bwd_ms']:7.2f}x")
+                        print(
+                            f"{kind:9} {dtype_name:5} {hidden:6d} {'yes' if residual else 'no':>3} {r['impl']:8} "
+                            f"{r['fwd_ms']:8.3f} {r['fwd_gbps']:6.0f} {r['fwd_bwd_ms']:8.3f} "
+                            f"{r['fwd_bwd_gbps']:6.0f} {base / r['fwd_bwd_ms']:7.2f}x"
+                        )
                     results.extend(case)
     targets = check_targets(results, copy_gbps)
     for t in targets:
-        print(f"target {t['kind']} h={TARGET_HIDDEN} {TARGET_DTYPE} fwd+bwd: {t['speedup_vs_torch']:.2f}x torch "
-              f"(>= {TARGET_SPEEDUP}: {'met' if t['speedup_met'] else 'MISSED'}), "
-              f"{100 * t['copy_fraction']:.0f}% of copy bandwidth "
-              f"(>= {100 * TARGET_COPY_FRACTION:.0f}%: {'met' if t['copy_fraction_met'] else 'MISSED'})")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                f"norm_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}.json")
+        print(
+            f"target {t['kind']} h={TARGET_HIDDEN} {TARGET_DTYPE} fwd+bwd: {t['speedup_vs_torch']:.2f}x torch "
+            f"(>= {TARGET_SPEEDUP}: {'met' if t['speedup_met'] else 'MISSED'}), "
+            f"{100 * t['copy_fraction']:.0f}% of copy bandwidth "
+            f"(>= {100 * TARGET_COPY_FRACTION:.0f}%: {'met' if t['copy_fraction_met'] else 'MISSED'})"
+        )
+    out = a.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"norm_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_').lower()}.json",
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, rows=a.rows,
-                       copy_gbps=copy_gbps, impls=impls, results=results, targets=targets), f, indent=1)
+        json.dump(
+            dict(
+                gpu=gpu,
+                torch=torch.__version__,
+                triton=triton.__version__,
+                rows=a.rows,
+                copy_gbps=copy_gbps,
+                impls=impls,
+                results=results,
+                targets=targets,
+            ),
+            f,
+            indent=1,
+        )
     print(f"wrote {out}")
     return 0
 

@@ -21,6 +21,7 @@ Runs 4 gloo ranks on CPU (spawned here); the counts do not depend on the device.
 
 Writes benchmarks/results/tp_comm.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,23 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tp_co
 
 
 def model_configs(a):
-    common = dict(num_layers=1, hidden_size=a.hidden, num_attention_heads=a.heads, seq_length=a.seq,
-                  hidden_dropout=0.1, make_vocab_size_divisible_by=8)
+    common = dict(
+        num_layers=1,
+        hidden_size=a.hidden,
+        num_attention_heads=a.heads,
+        seq_length=a.seq,
+        hidden_dropout=0.1,
+        make_vocab_size_divisible_by=8,
+    )
     return {
-        "llama (SwiGLU, RMSNorm, GQA)": ModelConfig(**common, swiglu=True, normalization="RMSNorm",
-                                                    group_query_attention=True, num_query_groups=a.heads // 2,
-                                                    add_bias_linear=False),
+        "llama (SwiGLU, RMSNorm, GQA)": ModelConfig(
+            **common,
+            swiglu=True,
+            normalization="RMSNorm",
+            group_query_attention=True,
+            num_query_groups=a.heads // 2,
+            add_bias_linear=False,
+        ),
         "gpt (GELU, LayerNorm, MHA, biases)": ModelConfig(**common),
     }
 
@@ -71,8 +83,11 @@ def measure_layer(block, x, rope):
     def leave(*_):
         region[0] = "rest"
 
-    handles = [h for m in (block.attention, block.mlp)
-               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    handles = [
+        h
+        for m in (block.attention, block.mlp)
+        for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
+    ]
     with CommCounter() as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = block(x, rope)
@@ -102,17 +117,25 @@ def run_case(name, cfg, group, sp, a):
     for r in records:
         sent[r.phase] += r.sent_bytes
         ops[f"{r.phase}:{r.op}"] += 1
-    return dict(model=name, tp=tp, sequence_parallel=sp,
-                forward_sent_bytes=sent["forward"], backward_sent_bytes=sent["backward"],
-                theory_sent_bytes=theory, ratio=(sent["forward"] + sent["backward"]) / theory,
-                grad_sum_sent_bytes=sent["grad"], collectives=dict(sorted(ops.items())),
-                saved_activation_bytes=saved)
+    return dict(
+        model=name,
+        tp=tp,
+        sequence_parallel=sp,
+        forward_sent_bytes=sent["forward"],
+        backward_sent_bytes=sent["backward"],
+        theory_sent_bytes=theory,
+        ratio=(sent["forward"] + sent["backward"]) / theory,
+        grad_sum_sent_bytes=sent["grad"],
+        collectives=dict(sorted(ops.items())),
+        saved_activation_bytes=saved,
+    )
 
 
 def worker(rank, a, store_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(store_dir, "store"), WORLD),
-                            rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(os.path.join(store_dir, "store"), WORLD), rank=rank, world_size=WORLD
+    )
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank joins both
     results = []
     for group in (pairs[rank // 2], dist.group.WORLD):
@@ -127,31 +150,55 @@ def worker(rank, a, store_dir):
 def report(results, a):
     mb = 1 / 2**20
     print(f"per layer, s={a.seq} b={a.batch} h={a.hidden} fp32; bytes sent per TP rank (ring)")
-    print(f"{'model':36} {'tp':>2} {'sp':>5} {'fwd MiB':>8} {'bwd MiB':>8} {'theory':>8} {'ratio':>6} "
-          f"{'grad KiB':>8} {'saved rest MiB':>14} {'saved TP-region MiB':>19}")
+    print(
+        f"{'model':36} {'tp':>2} {'sp':>5} {'fwd MiB':>8} {'bwd MiB':>8} {'theory':>8} {'ratio':>6} "
+        f"{'grad KiB':>8} {'saved rest MiB':>14} {'saved TP-region MiB':>19}"
+    )
     for r in results:
         sv = r["saved_activation_bytes"]
-        print(f"{r['model']:36} {r['tp']:>2} {str(r['sequence_parallel']):>5} {r['forward_sent_bytes'] * mb:8.3f} "
-              f"{r['backward_sent_bytes'] * mb:8.3f} {r['theory_sent_bytes'] * mb:8.3f} {r['ratio']:6.3f} "
-              f"{r['grad_sum_sent_bytes'] / 1024:8.2f} {sv.get('rest', 0) * mb:14.3f} {sv.get('tp_region', 0) * mb:19.3f}")
+        print(
+            f"{r['model']:36} {r['tp']:>2} {str(r['sequence_parallel']):>5} {r['forward_sent_bytes'] * mb:8.3f} "
+            f"{r['backward_sent_bytes'] * mb:8.3f} {r['theory_sent_bytes'] * mb:8.3f} {r['ratio']:6.3f} "
+            f"{r['grad_sum_sent_bytes'] / 1024:8.2f} {sv.get('rest', 0) * mb:14.3f} {sv.get('tp_region', 0) * mb:19.3f}"
+        )
     memory = []
     key = {(r["model"], r["tp"], r["sequence_parallel"]): r["saved_activation_bytes"] for r in results}
     for (model, tp, sp), sv in key.items():
         if sp:
             base = key[(model, tp, False)]
-            memory.append(dict(model=model, tp=tp, target=1 / tp,
-                               rest_ratio=sv["rest"] / base["rest"],
-                               tp_region_ratio=sv["tp_region"] / base["tp_region"],
-                               total_ratio=sv["total"] / base["total"]))
+            memory.append(
+                dict(
+                    model=model,
+                    tp=tp,
+                    target=1 / tp,
+                    rest_ratio=sv["rest"] / base["rest"],
+                    tp_region_ratio=sv["tp_region"] / base["tp_region"],
+                    total_ratio=sv["total"] / base["total"],
+                )
+            )
     print("\nsaved activations, SP / no SP")
     for m in memory:
-        print(f"{m['model']:36} tp={m['tp']}  rest {m['rest_ratio']:.3f} (target {m['target']:.3f})  "
-              f"TP regions {m['tp_region_ratio']:.3f}  whole layer {m['total_ratio']:.3f}")
+        print(
+            f"{m['model']:36} tp={m['tp']}  rest {m['rest_ratio']:.3f} (target {m['target']:.3f})  "
+            f"TP regions {m['tp_region_ratio']:.3f}  whole layer {m['total_ratio']:.3f}"
+        )
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as fh:
-        json.dump(dict(setup=dict(vars(a), dtype="float32", world=WORLD, torch=torch.__version__,
-                                  bytes_sent="ring: all-gather/reduce-scatter (p-1)/p*N, all-reduce 2(p-1)/p*N"),
-                       per_layer=results, sp_memory=memory), fh, indent=1)
+        json.dump(
+            dict(
+                setup=dict(
+                    vars(a),
+                    dtype="float32",
+                    world=WORLD,
+                    torch=torch.__version__,
+                    bytes_sent="ring: all-gather/reduce-scatter (p-1)/p*N, all-reduce 2(p-1)/p*N",
+                ),
+                per_layer=results,
+                sp_memory=memory,
+            ),
+            fh,
+            indent=1,
+        )
     print(f"\nwrote {OUT}")
 
 

@@ -8,6 +8,7 @@ names with or without dashes, booleans are true/false.
 ``validate`` checks everything that does not need the world size; ``ParallelDims.build``
 checks the rest. Both run before any collective.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -33,33 +33,50 @@ def _f(default, flag, help, **kw):
 class ModelConfig:
     num_layers: int = _f(4, "--num-layers", "transformer layers")
     hidden_size: int = _f(256, "--hidden-size", "model width")
-    ffn_hidden_size: Optional[int] = _f(None, "--ffn-hidden-size", "MLP width (default 4h, or 8h/3 rounded with --swiglu)")
+    ffn_hidden_size: int | None = _f(None, "--ffn-hidden-size", "MLP width (default 4h, or 8h/3 rounded with --swiglu)")
     num_attention_heads: int = _f(4, "--num-attention-heads", "attention heads")
     group_query_attention: bool = _f(False, "--group-query-attention", "use GQA with --num-query-groups KV heads")
-    num_query_groups: Optional[int] = _f(None, "--num-query-groups", "KV heads under GQA")
-    kv_channels: Optional[int] = _f(None, "--kv-channels", "head dim (default hidden/heads)")
+    num_query_groups: int | None = _f(None, "--num-query-groups", "KV heads under GQA")
+    kv_channels: int | None = _f(None, "--kv-channels", "head dim (default hidden/heads)")
     seq_length: int = _f(256, "--seq-length", "training sequence length")
-    max_position_embeddings: Optional[int] = _f(None, "--max-position-embeddings", "learned position table size / RoPE limit (default seq length)")
+    max_position_embeddings: int | None = _f(
+        None, "--max-position-embeddings", "learned position table size / RoPE limit (default seq length)"
+    )
     normalization: str = _f("LayerNorm", "--normalization", "norm type", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = _f(1e-5, "--norm-epsilon", "norm epsilon")
-    norm_impl: str = _f("auto", "--norm-impl", "norm kernel: auto = Triton on CUDA when importable, else torch", choices=["auto", "triton", "apex", "torch"])
+    norm_impl: str = _f(
+        "auto",
+        "--norm-impl",
+        "norm kernel: auto = Triton on CUDA when importable, else torch",
+        choices=["auto", "triton", "apex", "torch"],
+    )
     swiglu: bool = _f(False, "--swiglu", "SwiGLU MLP instead of GELU")
-    position_embedding_type: str = _f("rope", "--position-embedding-type", "positions", choices=["rope", "learned_absolute"])
+    position_embedding_type: str = _f(
+        "rope", "--position-embedding-type", "positions", choices=["rope", "learned_absolute"]
+    )
     rotary_base: float = _f(10000.0, "--rotary-base", "RoPE base")
-    untie_embeddings_and_output_weights: bool = _f(False, "--untie-embeddings-and-output-weights", "separate output layer")
+    untie_embeddings_and_output_weights: bool = _f(
+        False, "--untie-embeddings-and-output-weights", "separate output layer"
+    )
     add_bias_linear: bool = _f(True, "--add-bias-linear", "biases in linear layers", negative="--disable-bias-linear")
     init_method_std: float = _f(0.02, "--init-method-std", "init std of weights")
     attention_dropout: float = _f(0.0, "--attention-dropout", "attention probability dropout")
     hidden_dropout: float = _f(0.0, "--hidden-dropout", "residual-branch dropout")
-    vocab_size: Optional[int] = _f(None, "--vocab-size", "vocabulary size (default: the tokenizer's)")
-    make_vocab_size_divisible_by: int = _f(128, "--make-vocab-size-divisible-by", "pad vocab to a multiple of this x TP")
-    recompute_granularity: Optional[str] = _f(None, "--recompute-granularity", "activation recompute", choices=["full", "selective"])
+    vocab_size: int | None = _f(None, "--vocab-size", "vocabulary size (default: the tokenizer's)")
+    make_vocab_size_divisible_by: int = _f(
+        128, "--make-vocab-size-divisible-by", "pad vocab to a multiple of this x TP"
+    )
+    recompute_granularity: str | None = _f(
+        None, "--recompute-granularity", "activation recompute", choices=["full", "selective"]
+    )
     use_flash_attn: bool = _f(False, "--use-flash-attn", "require flash-attn (error when missing)")
 
     @property
     def num_kv_heads(self) -> int:
         """KV heads: --num-query-groups under GQA, else one per attention head."""
-        return self.num_query_groups if self.group_query_attention and self.num_query_groups else self.num_attention_heads
+        return (
+            self.num_query_groups if self.group_query_attention and self.num_query_groups else self.num_attention_heads
+        )
 
     @property
     def head_dim(self) -> int:
@@ -82,56 +99,60 @@ class ParallelConfig:
     context_parallel_size: int = _f(1, "--context-parallel-size", "CP group size")
     sequence_parallel: bool = _f(False, "--sequence-parallel", "Megatron sequence parallel (needs TP > 1)")
     cp_comm_type: str = _f("p2p", "--cp-comm-type", "context-parallel attention", choices=["p2p", "all_gather", "a2a"])
-    distributed_backend: Optional[str] = _f(None, "--distributed-backend", "default: nccl on CUDA, gloo on CPU", choices=["nccl", "gloo"])
+    distributed_backend: str | None = _f(
+        None, "--distributed-backend", "default: nccl on CUDA, gloo on CPU", choices=["nccl", "gloo"]
+    )
     distributed_timeout_minutes: float = _f(10.0, "--distributed-timeout-minutes", "bound on every collective")
 
 
 @dataclass
 class TrainConfig:
     micro_batch_size: int = _f(4, "--micro-batch-size", "sequences per rank per micro step")
-    global_batch_size: Optional[int] = _f(None, "--global-batch-size", "sequences per step (default micro x DP)")
+    global_batch_size: int | None = _f(None, "--global-batch-size", "sequences per step (default micro x DP)")
     train_iters: int = _f(20, "--train-iters", "optimizer steps")
     lr: float = _f(1e-3, "--lr", "peak learning rate")
     min_lr: float = _f(0.0, "--min-lr", "final learning rate")
     lr_decay_style: str = _f("cosine", "--lr-decay-style", "decay", choices=["cosine", "linear", "constant"])
     lr_warmup_iters: int = _f(0, "--lr-warmup-iters", "linear warmup steps")
-    lr_decay_iters: Optional[int] = _f(None, "--lr-decay-iters", "decay horizon (default train iters)")
+    lr_decay_iters: int | None = _f(None, "--lr-decay-iters", "decay horizon (default train iters)")
     weight_decay: float = _f(0.01, "--weight-decay", "AdamW weight decay (not on norms/biases)")
     adam_beta1: float = _f(0.9, "--adam-beta1", "AdamW beta1")
     adam_beta2: float = _f(0.999, "--adam-beta2", "AdamW beta2")
     adam_eps: float = _f(1e-8, "--adam-eps", "AdamW eps")
     clip_grad: float = _f(1.0, "--clip-grad", "global grad-norm clip (0 = off)")
-    max_skipped_steps: int = _f(5, "--max-skipped-steps", "stop after N consecutive steps skipped for a non-finite loss or gradient (0 = never)")
+    max_skipped_steps: int = _f(
+        5, "--max-skipped-steps", "stop after N consecutive steps skipped for a non-finite loss or gradient (0 = never)"
+    )
     bf16: bool = _f(False, "--bf16", "bf16 autocast, fp32 master weights")
     seed: int = _f(1234, "--seed", "seed for init, data order and dropout")
     eval_interval: int = _f(1000, "--eval-interval", "evaluate every N steps")
     eval_iters: int = _f(10, "--eval-iters", "global batches per evaluation")
-    exit_interval: Optional[int] = _f(None, "--exit-interval", "stop after this iteration (saving with --save)")
-    peak_tflops: Optional[float] = _f(None, "--peak-tflops", "device peak for MFU (default: known GPUs)")
-    device: Optional[str] = _f(None, "--device", "cuda or cpu (default: cuda when available)")
+    exit_interval: int | None = _f(None, "--exit-interval", "stop after this iteration (saving with --save)")
+    peak_tflops: float | None = _f(None, "--peak-tflops", "device peak for MFU (default: known GPUs)")
+    device: str | None = _f(None, "--device", "cuda or cpu (default: cuda when available)")
 
 
 @dataclass
 class DataConfig:
-    data_path: Optional[str] = _f(None, "--data-path", "dataset prefix (PREFIX.bin/.idx); default: embedded corpus")
+    data_path: str | None = _f(None, "--data-path", "dataset prefix (PREFIX.bin/.idx); default: embedded corpus")
     split: str = _f("969,30,1", "--split", "train,valid,test weights")
-    tokenizer_model: Optional[str] = _f(None, "--tokenizer-model", "sentencepiece .model")
+    tokenizer_model: str | None = _f(None, "--tokenizer-model", "sentencepiece .model")
 
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = _f(None, "--save", "checkpoint directory")
-    load: Optional[str] = _f(None, "--load", "checkpoint directory to resume from")
-    save_interval: Optional[int] = _f(None, "--save-interval", "save every N steps")
+    save: str | None = _f(None, "--save", "checkpoint directory")
+    load: str | None = _f(None, "--load", "checkpoint directory to resume from")
+    save_interval: int | None = _f(None, "--save-interval", "save every N steps")
     exit_signal_handler: bool = _f(False, "--exit-signal-handler", "on SIGTERM save and exit")
 
 
 @dataclass
 class LoggingConfig:
     log_interval: int = _f(1, "--log-interval", "console line every N steps")
-    log_dir: Optional[str] = _f(None, "--log-dir", "where metrics.jsonl goes (default --save or runs/)")
-    wandb_project: Optional[str] = _f(None, "--wandb-project", "log to wandb (offline without an API key)")
-    wandb_exp_name: Optional[str] = _f(None, "--wandb-exp-name", "wandb run name")
+    log_dir: str | None = _f(None, "--log-dir", "where metrics.jsonl goes (default --save or runs/)")
+    wandb_project: str | None = _f(None, "--wandb-project", "log to wandb (offline without an API key)")
+    wandb_exp_name: str | None = _f(None, "--wandb-exp-name", "wandb run name")
 
 
 @dataclass
@@ -156,18 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             md = f.metadata
             if _is_bool(f):  # --flag / --no-flag, plus the Megatron spelling of the negative if any
-                g.add_argument(md["flag"], dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{md['help']} (default: {'on' if f.default else 'off'})")
+                g.add_argument(
+                    md["flag"],
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=f"{md['help']} (default: {'on' if f.default else 'off'})",
+                )
                 if "negative" in md:
-                    g.add_argument(md["negative"], dest=f.name, action="store_false", default=None,
-                                   help=f"same as --no-{md['flag'][2:]} (Megatron-LM spelling)")
+                    g.add_argument(
+                        md["negative"],
+                        dest=f.name,
+                        action="store_false",
+                        default=None,
+                        help=f"same as --no-{md['flag'][2:]} (Megatron-LM spelling)",
+                    )
                 continue
-            g.add_argument(md["flag"], dest=f.name, type=_value_type(f), default=None, choices=md.get("choices"), help=md["help"])
+            g.add_argument(
+                md["flag"], dest=f.name, type=_value_type(f), default=None, choices=md.get("choices"), help=md["help"]
+            )
     return p
 
 
 def _value_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str}[str(f.type).replace("Optional[", "").rstrip("]")]
+    return {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
@@ -184,14 +217,14 @@ def _load_file(path: str) -> dict:
         try:
             if toml:
                 import tomllib
+
                 raw = tomllib.load(fh)
             else:
                 raw = json.load(fh)
         except ValueError as exc:  # both decoders' errors are ValueErrors
             raise ConfigError(f"--config {path} is not valid {'TOML' if toml else 'JSON'}: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path} must hold one object of flag names and values, "
-                          f"not a {type(raw).__name__}")
+        raise ConfigError(f"--config {path} must hold one object of flag names and values, not a {type(raw).__name__}")
     return raw
 
 
@@ -202,8 +235,13 @@ def _file_argv(raw: dict, path: str) -> list[str]:
     unknown = [key for key in raw if name[key] not in fields]
     if unknown:
         flags = [f.metadata["flag"] for f in fields.values()]
-        hints = [repr(k) + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(
-                 "--" + name[k].replace("_", "-"), flags, n=1)) for k in unknown]
+        hints = [
+            repr(k)
+            + "".join(
+                f" (did you mean {m}?)" for m in difflib.get_close_matches("--" + name[k].replace("_", "-"), flags, n=1)
+            )
+            for k in unknown
+        ]
         raise ConfigError(f"--config {path}: unknown key {', '.join(hints)}; keys are flag names (see --help)")
     argv = []
     for key, val in raw.items():
@@ -271,11 +309,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--num-query-groups given without --group-query-attention; add the flag")
     groups = m.num_kv_heads
     if m.num_attention_heads % groups:
-        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                          f"--num-query-groups {groups}")
+        raise ConfigError(
+            f"--num-attention-heads {m.num_attention_heads} is not divisible by --num-query-groups {groups}"
+        )
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-                          f"{m.num_attention_heads}; set --kv-channels")
+        raise ConfigError(
+            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+            f"{m.num_attention_heads}; set --kv-channels"
+        )
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise ConfigError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
     if m.use_flash_attn:
@@ -284,17 +325,26 @@ def validate(cfg: Config) -> None:
         from .ops import attention  # imported here: torch is not needed to parse flags
 
         if not attention.flash_attn_available():
-            raise ConfigError("--use-flash-attn given but flash-attn is not installed; "
-                              "pip install flash-attn, or drop the flag to use torch kernels")
+            raise ConfigError(
+                "--use-flash-attn given but flash-attn is not installed; "
+                "pip install flash-attn, or drop the flag to use torch kernels"
+            )
     tp = p.tensor_parallel_size
-    for name, val in [("--tensor-parallel-size", tp), ("--context-parallel-size", p.context_parallel_size),
-                      ("--micro-batch-size", t.micro_batch_size), ("--train-iters", t.train_iters),
-                      ("--num-layers", m.num_layers), ("--seq-length", m.seq_length)]:
+    for name, val in [
+        ("--tensor-parallel-size", tp),
+        ("--context-parallel-size", p.context_parallel_size),
+        ("--micro-batch-size", t.micro_batch_size),
+        ("--train-iters", t.train_iters),
+        ("--num-layers", m.num_layers),
+        ("--seq-length", m.seq_length),
+    ]:
         if val < 1:
             raise ConfigError(f"{name} must be >= 1 (got {val})")
     if m.position_embedding_type == "rope" and m.head_dim % 2:
-        raise ConfigError(f"RoPE rotates pairs of channels: head dim {m.head_dim} must be even "
-                          "(set --kv-channels or --hidden-size / --num-attention-heads accordingly)")
+        raise ConfigError(
+            f"RoPE rotates pairs of channels: head dim {m.head_dim} must be even "
+            "(set --kv-channels or --hidden-size / --num-attention-heads accordingly)"
+        )
     if cfg.logging.log_interval < 1:
         raise ConfigError(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
     if t.max_skipped_steps < 0:
@@ -308,9 +358,15 @@ def validate(cfg: Config) -> None:
     horizon = t.lr_decay_iters or t.train_iters
     if t.lr_decay_style != "constant" and t.lr_warmup_iters and horizon <= t.lr_warmup_iters:
         # The decay runs from the end of warmup to the horizon; an empty span is a mistake (Megatron refuses it too).
-        given = f"--lr-decay-iters {horizon}" if t.lr_decay_iters else f"--train-iters {horizon} (the default --lr-decay-iters)"
-        raise ConfigError(f"{given} must exceed --lr-warmup-iters {t.lr_warmup_iters}: the {t.lr_decay_style} decay "
-                          "runs between them; raise it, shorten the warmup, or use --lr-decay-style constant")
+        given = (
+            f"--lr-decay-iters {horizon}"
+            if t.lr_decay_iters
+            else f"--train-iters {horizon} (the default --lr-decay-iters)"
+        )
+        raise ConfigError(
+            f"{given} must exceed --lr-warmup-iters {t.lr_warmup_iters}: the {t.lr_decay_style} decay "
+            "runs between them; raise it, shorten the warmup, or use --lr-decay-style constant"
+        )
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval given without --save DIR")
 

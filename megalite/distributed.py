@@ -3,6 +3,7 @@
 Under torchrun the env:// rendezvous is used; a plain `python pretrain.py` becomes a world of
 one with an in-memory store, so single-rank runs take the same code path as many.
 """
+
 from __future__ import annotations
 
 import gc
@@ -30,8 +31,10 @@ def resolve_device(cfg: Config, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                              "launch at most one process per GPU (--nproc-per-node)")
+            raise ConfigError(
+                f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                "launch at most one process per GPU (--nproc-per-node)"
+            )
         return torch.device("cuda", local_rank)
     if want != "cpu":
         raise ConfigError(f"--device {want}: use cuda or cpu")
@@ -40,8 +43,10 @@ def resolve_device(cfg: Config, local_rank: int) -> torch.device:
 
 def check_bf16(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--bf16 given but {torch.cuda.get_device_name(device)} has no bf16 support; "
-                          "drop --bf16 (fp32) or use an Ampere-or-newer GPU")
+        raise ConfigError(
+            f"--bf16 given but {torch.cuda.get_device_name(device)} has no bf16 support; "
+            "drop --bf16 (fp32) or use an Ampere-or-newer GPU"
+        )
 
 
 def init(cfg: Config) -> torch.device:
@@ -56,15 +61,22 @@ def init(cfg: Config) -> torch.device:
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
     if backend == "gloo" and device.type == "cuda":
-        raise ConfigError("--distributed-backend gloo cannot run megalite's send/recv and flat collectives on "
-                          "CUDA tensors; use nccl on GPUs (or --device cpu)")
+        raise ConfigError(
+            "--distributed-backend gloo cannot run megalite's send/recv and flat collectives on "
+            "CUDA tensors; use nccl on GPUs (or --device cpu)"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         if "MASTER_ADDR" in env:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world,
+                timeout=timeout,
+                device_id=device if device.type == "cuda" else None,
+            )
         elif world == 1:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:

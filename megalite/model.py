@@ -24,6 +24,7 @@ and no others (each replacement keeps the call signature of what it replaces):
 ``VOCAB_PARAMETERS`` names the parameters whose dim 0 is the padded vocabulary: init draws only
 their real rows and checkpoints store only those.
 """
+
 from __future__ import annotations
 
 import math

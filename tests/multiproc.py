@@ -4,6 +4,7 @@ Rendezvous goes through a FileStore in the test's tmp dir (no port races). Each 
 its traceback to a file; the parent raises the earliest one, because a crash on one rank
 otherwise surfaces as "connection reset" on the others.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def _entry(rank, world, fn, tmp, args):
     failed = False
     try:
         store = dist.FileStore(os.path.join(tmp, "store"), world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        )
         fn(rank, world, *args)
         if dist.is_initialized():  # fn may have torn the groups down itself
             dist.barrier()
@@ -46,8 +48,7 @@ def run_ranks(fn, world: int, tmp, *args, timeout: float = 300):
     """Run fn(rank, world, *args) on `world` gloo ranks; re-raise the first rank failure."""
     tmp = str(tmp)
     os.makedirs(tmp, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(world, fn, tmp, args), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(_entry, args=(world, fn, tmp, args), nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + timeout
     try:
         while not ctx.join(timeout=max(1.0, deadline - time.time())):

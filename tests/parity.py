@@ -3,6 +3,7 @@
 Test modules import these from here, never from each other, so running one test file never
 collects another's tests and a helper has one home.
 """
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,23 +12,31 @@ from megalite.config import ModelConfig
 
 # ---- attention: full-sequence inputs and a float64 reference ----
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),
-       torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+}
 
 
 def reference(q, k, v, dout, causal):
     """Full attention in float64 (GQA by SDPA's own head grouping): out, dq, dk, dv."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal,
-                                         enable_gqa=True).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal, enable_gqa=True
+    ).transpose(1, 2)
     out.backward(dout.double())
     return out.detach(), q.grad, k.grad, v.grad
 
 
 def make_inputs(seed, batch, seq, heads, kv_heads, head_dim, dtype):
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), (batch, seq, kv_heads, head_dim),
-              (batch, seq, heads, head_dim)]
+    shapes = [
+        (batch, seq, heads, head_dim),
+        (batch, seq, kv_heads, head_dim),
+        (batch, seq, kv_heads, head_dim),
+        (batch, seq, heads, head_dim),
+    ]
     return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
 
 
@@ -36,10 +45,24 @@ def make_inputs(seed, batch, seq, heads, kv_heads, head_dim, dtype):
 VOCAB = 37  # prime: padded to 40 dense, 48 at TP=2, 64 at TP=4 (with divisible-by 8)
 SEQ, BATCH = 8, 2
 VARIANTS = [
-    dict(swiglu=True, normalization="RMSNorm", group_query_attention=True, num_query_groups=4,
-         num_attention_heads=8, hidden_size=32, ffn_hidden_size=24, recompute_granularity="selective"),
-    dict(position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=True,
-         num_attention_heads=4, hidden_size=20, ffn_hidden_size=28, recompute_granularity="full"),
+    dict(
+        swiglu=True,
+        normalization="RMSNorm",
+        group_query_attention=True,
+        num_query_groups=4,
+        num_attention_heads=8,
+        hidden_size=32,
+        ffn_hidden_size=24,
+        recompute_granularity="selective",
+    ),
+    dict(
+        position_embedding_type="learned_absolute",
+        untie_embeddings_and_output_weights=True,
+        num_attention_heads=4,
+        hidden_size=20,
+        ffn_hidden_size=28,
+        recompute_granularity="full",
+    ),
 ]
 
 

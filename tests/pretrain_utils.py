@@ -1,4 +1,5 @@
 """Helpers for tests that run the real training entry point on spawned ranks."""
+
 import json
 import os
 import subprocess
@@ -6,14 +7,33 @@ import sys
 import sysconfig
 import time
 
+from multiproc import run_ranks
+
 from megalite.data.preprocess import preprocess
 from megalite.data.tokenizer import train_tokenizer
 from megalite.training.main import main
-from multiproc import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-        "--lr", "3e-3", "--lr-warmup-iters", "1", "--eval-interval", "3", "--eval-iters", "1", "--log-interval", "1"]
+TINY = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--eval-interval",
+    "3",
+    "--eval-iters",
+    "1",
+    "--log-interval",
+    "1",
+]
 
 
 def build_corpus(tmp_path_factory):

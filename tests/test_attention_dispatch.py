@@ -1,6 +1,7 @@
 """The one attention dispatcher, ops.attention.choose_backend: its decision table for every
 (device, dtype, head dim, flash-attn installed / required, LSE needed), without a GPU. The
 flash-attn probe is replaced, so the table does not depend on what this machine has."""
+
 import pytest
 import torch
 
@@ -46,6 +47,7 @@ def test_decision_table(monkeypatch, device, dtype, head_dim, installed, require
 def test_probe_runs_only_where_it_can_change_the_answer(monkeypatch):
     def probe():
         raise AssertionError("flash-attn probed for inputs it cannot take")
+
     monkeypatch.setattr(attention, "flash_attn_available", probe)
     for device, dtype in [("cpu", bf16), ("cpu", fp32), ("cuda", fp32)]:
         attention.choose_backend(device, dtype, 64, need_lse=False)
@@ -53,14 +55,16 @@ def test_probe_runs_only_where_it_can_change_the_answer(monkeypatch):
     q, k = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16)  # the model's path on CPU never probes
     out = attention.causal_attention(q, k, k)
     want = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), is_causal=True, enable_gqa=True)
+        q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
     torch.testing.assert_close(out, want.transpose(1, 2))
 
 
 def test_accumulator_and_fused_kernel_rules():
     assert [attention.accumulator_dtype(d) for d in (bf16, fp16, fp32, fp64)] == [fp32, fp32, fp32, fp64]
-    fits = [(d, hd) for d in (bf16, fp16, fp32) for hd in (8, 12, 64, 80, 256, 264)
-            if attention.fused_kernel_fits(d, hd)]
+    fits = [
+        (d, hd) for d in (bf16, fp16, fp32) for hd in (8, 12, 64, 80, 256, 264) if attention.fused_kernel_fits(d, hd)
+    ]
     assert fits == [(d, hd) for d in (bf16, fp16) for hd in (8, 64, 80, 256)]
 
 

@@ -1,4 +1,5 @@
 """Sharded checkpoints: resharding across layouts, atomicity, --load resolution, bad input, inspect."""
+
 import io
 import json
 import os
@@ -10,6 +11,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
+from pretrain_utils import TINY, losses, train
 from torch import nn
 
 from megalite.config import Config, ConfigError, ModelConfig, ParallelConfig
@@ -18,12 +21,20 @@ from megalite.parallel.apply_tp import apply_tp
 from megalite.parallel.dims import ParallelDims
 from megalite.training import checkpoint
 from megalite.training.main import main
-from multiproc import run_ranks
-from pretrain_utils import TINY, losses, train
 
 # GQA + SwiGLU + a vocabulary (520) whose padding differs for TP 1, 2 and 4 (640, 768, 1024 rows).
-MODEL = ["--swiglu", "--group-query-attention", "--num-query-groups", "2", "--vocab-size", "520",
-         "--global-batch-size", "4", "--micro-batch-size", "2"]
+MODEL = [
+    "--swiglu",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--vocab-size",
+    "520",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "2",
+]
 
 
 def layout(tp, cp):
@@ -35,8 +46,9 @@ def ref(tmp_path_factory, corpus):
     """An uninterrupted TP=2 x CP=2 run of 6 iterations that saves at 3 and 6."""
     tmp = tmp_path_factory.mktemp("ref")
     ck = str(tmp / "ck")
-    records = train(tmp, "ref", 4, corpus + MODEL + layout(2, 2) + ["--train-iters", "6", "--save", ck,
-                                                                     "--save-interval", "3"])
+    records = train(
+        tmp, "ref", 4, corpus + MODEL + layout(2, 2) + ["--train-iters", "6", "--save", ck, "--save-interval", "3"]
+    )
     return records, ck, corpus + MODEL + ["--train-iters", "6"]
 
 
@@ -52,8 +64,11 @@ def test_layout_and_dedup_of_saved_files(ref):
     assert meta["tensors"]["model/layers.0.attention.proj.weight"]["dim"] == 1
     assert meta["tensors"]["optim/layers.0.attention.proj.weight/exp_avg"]["dim"] == 1
     assert meta["tensors"]["optim/layers.0.attention.proj.weight/step"] == {
-        "shape": [], "dtype": "float32", "dim": None, "files": meta["tensors"][
-            "optim/layers.0.attention.proj.weight/step"]["files"]}
+        "shape": [],
+        "dtype": "float32",
+        "dim": None,
+        "files": meta["tensors"]["optim/layers.0.attention.proj.weight/step"]["files"],
+    }
     # every tensor shard is stored exactly once, and every rank wrote a share
     stored = {r: torch.load(os.path.join(d, f"rank_{r:05d}.pt"), weights_only=True)["tensors"] for r in range(4)}
     assert all(stored.values())
@@ -79,8 +94,11 @@ def test_reshard_continues_the_same_run(ref, tmp_path, tp, cp, world, record_pro
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["lr"] == a["lr"] and b["consumed_samples"] == a["consumed_samples"]
-    record_property("observed", f"saved at TP2xCP2 (4 ranks), resumed at TP{tp} CP{cp} on {world} rank(s): same "
-                                "samples and LR, losses within 1e-5 of the uninterrupted run")
+    record_property(
+        "observed",
+        f"saved at TP2xCP2 (4 ranks), resumed at TP{tp} CP{cp} on {world} rank(s): same "
+        "samples and LR, losses within 1e-5 of the uninterrupted run",
+    )
 
 
 def _rank1_killed_in_second_save(rank, world, argv):
@@ -92,7 +110,7 @@ def _rank1_killed_in_second_save(rank, world, argv):
         if rank == 1 and len(saves) == 2:
             buf = io.BytesIO()
             real_save(obj, buf, *args, **kwargs)
-            f.write(buf.getbuffer()[:buf.tell() // 2])
+            f.write(buf.getbuffer()[: buf.tell() // 2])
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(obj, f, *args, **kwargs)
@@ -123,9 +141,12 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(ref, tmp_path, record_p
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
     assert not (ck / ".tmp_iter_0000004").exists()  # the next save cleared the leftover
     assert (ck / "latest").read_text().strip() == "iter_0000006"
-    record_property("observed", "rank 1 of 2 SIGKILLed halfway through its iteration-4 file: rank 0 failed too; latest "
-                                "still iter_0000002; --load warned about .tmp_iter_0000004 and resumed from iteration "
-                                "2 (at TP2), losses within 1e-5 of the uninterrupted run")
+    record_property(
+        "observed",
+        "rank 1 of 2 SIGKILLed halfway through its iteration-4 file: rank 0 failed too; latest "
+        "still iter_0000002; --load warned about .tmp_iter_0000004 and resumed from iteration "
+        "2 (at TP2), losses within 1e-5 of the uninterrupted run",
+    )
 
 
 def test_load_resolution(ref, tmp_path):
@@ -164,12 +185,18 @@ def test_load_resolution(ref, tmp_path):
 
 def test_bad_input_fails_before_any_collective(ref, monkeypatch):
     _, ck, common = ref
-    with pytest.raises(ConfigError, match=r"holds a different model: tensor embedding.word.weight is \[520, 64\] "
-                                          r"in the checkpoint but \[520, 32\].*hidden_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a different model: tensor embedding.word.weight is \[520, 64\] "
+        r"in the checkpoint but \[520, 32\].*hidden_size",
+    ):
         main(TINY + common + ["--load", ck, "--hidden-size", "32"])
     no_swiglu = [a for a in common if a != "--swiglu"]
-    with pytest.raises(ConfigError, match=r"tensors not in this model: layers.0.mlp.gate.weight, .*; tensor "
-                                          r"layers.0.mlp.fc1.weight is \[192, 64\] in the checkpoint but \[256, 64\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tensors not in this model: layers.0.mlp.gate.weight, .*; tensor "
+        r"layers.0.mlp.fc1.weight is \[192, 64\] in the checkpoint but \[256, 64\]",
+    ):
         main(TINY + no_swiglu + ["--load", ck])
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match="world size 4 is not divisible by tensor-parallel-size 3"):
@@ -178,8 +205,12 @@ def test_bad_input_fails_before_any_collective(ref, monkeypatch):
 
 def test_inspect_lists_iteration_layout_and_sizes(ref):
     _, ck, _ = ref
-    out = subprocess.run([sys.executable, "-m", "megalite.training.inspect_ckpt", ck, "--tensors"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "megalite.training.inspect_ckpt", ck, "--tensors"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "iter_0000006  complete  <- latest" in out and "iter_0000003  complete" in out
     assert "iteration 6, consumed samples 24, global batch 4" in out
     assert "layout: TP=2 CP=2 DP=1 (world 4)" in out
@@ -198,16 +229,33 @@ class _ColumnScale(nn.Module):
 
 
 def _partition_map_at_tp2(rank, world, save_dir):
-    cfg = Config(model=ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=24,
-                                   seq_length=8, swiglu=True, add_bias_linear=True,
-                                   untie_embeddings_and_output_weights=True, make_vocab_size_divisible_by=4),
-                 parallel=ParallelConfig(tensor_parallel_size=2))
+    cfg = Config(
+        model=ModelConfig(
+            num_layers=2,
+            hidden_size=16,
+            num_attention_heads=4,
+            ffn_hidden_size=24,
+            seq_length=8,
+            swiglu=True,
+            add_bias_linear=True,
+            untie_embeddings_and_output_weights=True,
+            make_vocab_size_divisible_by=4,
+        ),
+        parallel=ParallelConfig(tensor_parallel_size=2),
+    )
     model = apply_tp(GPT(cfg.model, 37), dist.group.WORLD, sequence_parallel=False)
     want = {"embedding.word.weight": 0, "output_layer.weight": 0}  # vocabulary rows
     for i in range(2):
-        for name, dim in [("attention.qkv.weight", 0), ("attention.qkv.bias", 0), ("attention.proj.weight", 1),
-                          ("mlp.gate.weight", 0), ("mlp.gate.bias", 0), ("mlp.fc1.weight", 0),
-                          ("mlp.fc1.bias", 0), ("mlp.fc2.weight", 1)]:  # row-parallel biases are replicated
+        for name, dim in [
+            ("attention.qkv.weight", 0),
+            ("attention.qkv.bias", 0),
+            ("attention.proj.weight", 1),
+            ("mlp.gate.weight", 0),
+            ("mlp.gate.bias", 0),
+            ("mlp.fc1.weight", 0),
+            ("mlp.fc1.bias", 0),
+            ("mlp.fc2.weight", 1),
+        ]:  # row-parallel biases are replicated
             want[f"layers.{i}.{name}"] = dim
     assert checkpoint.partition_dims(model) == want
 
@@ -222,7 +270,7 @@ def _partition_map_at_tp2(rank, world, save_dir):
     fresh = _ColumnScale(rank=5)
     model.layers[0].scale = fresh
     checkpoint.load(ck, model, torch.optim.AdamW(model.parameters()), dims, cfg, log=lambda *_: None)
-    assert torch.equal(fresh.weight.detach(), dense[:, 2 * rank:2 * rank + 2])
+    assert torch.equal(fresh.weight.detach(), dense[:, 2 * rank : 2 * rank + 2])
 
 
 def test_partition_map_comes_from_parameter_attributes(tmp_path):

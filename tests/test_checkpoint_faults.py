@@ -1,5 +1,6 @@
 """Checkpoint faults on real 2-rank runs: a full disk during a save, a corrupted rank file, two runs
 on one --save directory. (A rank killed mid-save: tests/test_checkpoint.py.)"""
+
 import json
 import os
 import re
@@ -11,13 +12,13 @@ import subprocess
 import sys
 
 import pytest
+from multiproc import run_ranks
+from pretrain_utils import TINY, losses, torchrun, train, wait_for_iteration, worker_pid
 
 from megalite.config import ConfigError
 from megalite.training import checkpoint
 from megalite.training.checkpoint import integrity
 from megalite.training.main import main
-from multiproc import run_ranks
-from pretrain_utils import TINY, losses, torchrun, train, wait_for_iteration, worker_pid
 
 FLAGS = ["--global-batch-size", "4", "--micro-batch-size", "2", "--distributed-timeout-minutes", "1"]  # DP=2
 
@@ -56,14 +57,20 @@ def _disk_full_in_second_save(rank, world, argv):
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="needs RLIMIT_FSIZE (Linux, macOS)")
 def test_disk_full_during_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path, corpus, record_property):
     ck, spawn = tmp_path / "ck", tmp_path / "spawn"
-    argv = TINY + corpus + FLAGS + ["--train-iters", "6", "--save", str(ck), "--save-interval", "2",
-                                    "--log-dir", str(tmp_path / "run")]
+    argv = (
+        TINY
+        + corpus
+        + FLAGS
+        + ["--train-iters", "6", "--save", str(ck), "--save-interval", "2", "--log-dir", str(tmp_path / "run")]
+    )
     with pytest.raises(AssertionError, match="checkpoint save of iter_0000004 failed"):
         run_ranks(_disk_full_in_second_save, 2, spawn, argv)
     path = ck / ".tmp_iter_0000004" / "rank_00001.pt"
     for tb in _errors(spawn):
-        assert ("checkpoint save of iter_0000004 failed while writing the rank files, nothing was committed "
-                "('latest' still names iter_0000002): rank 1: writing " + str(path)) in tb
+        assert (
+            "checkpoint save of iter_0000004 failed while writing the rank files, nothing was committed "
+            "('latest' still names iter_0000002): rank 1: writing " + str(path)
+        ) in tb
         assert "failed after 65,536 bytes (OSError: [Errno 27] File too large)" in tb
         needed = int(re.search(r"this file needs about ([\d,]+) bytes", tb).group(1).replace(",", ""))
         same_share = (ck / "iter_0000002" / "rank_00001.pt").stat().st_size  # the same tensors, saved before
@@ -75,10 +82,13 @@ def test_disk_full_during_save_fails_every_rank_and_keeps_the_previous_checkpoin
     good = str(ck / "iter_0000002")
     assert checkpoint.problem(good) is None and integrity.bad_files(good, checkpoint.read_meta(good)) == []
     assert (ck / ".lock").read_text() == ""  # released on the way out
-    record_property("observed", f"rank 1's files capped at 64 KiB (RLIMIT_FSIZE) during the save of iteration 4: "
-                                f"both ranks failed with '... rank_00001.pt failed after 65,536 bytes ([Errno 27] File "
-                                f"too large); this file needs about {needed:,} bytes ...'; latest still "
-                                "iter_0000002, which verifies; the partial save was removed")
+    record_property(
+        "observed",
+        f"rank 1's files capped at 64 KiB (RLIMIT_FSIZE) during the save of iteration 4: "
+        f"both ranks failed with '... rank_00001.pt failed after 65,536 bytes ([Errno 27] File "
+        f"too large); this file needs about {needed:,} bytes ...'; latest still "
+        "iter_0000002, which verifies; the partial save was removed",
+    )
 
 
 def _flip_a_byte(path):
@@ -102,9 +112,12 @@ def test_corrupted_rank_file_is_detected_and_skipped(saved, tmp_path, capfd, rec
     capfd.readouterr()
     rest = train(tmp_path, "rest", 2, common + ["--load", str(copy)])
     out = capfd.readouterr().out
-    assert re.search(r"warning: skipped incomplete or damaged checkpoints \(iter_0000006: rank_00001.pt is "
-                     r"corrupted \(CRC-32 [0-9a-f]{8}, meta.json records [0-9a-f]{8}\) \('latest' names it[^)]*\)\); "
-                     r"resuming from iter_0000004", out), out
+    assert re.search(
+        r"warning: skipped incomplete or damaged checkpoints \(iter_0000006: rank_00001.pt is "
+        r"corrupted \(CRC-32 [0-9a-f]{8}, meta.json records [0-9a-f]{8}\) \('latest' names it[^)]*\)\); "
+        r"resuming from iter_0000004",
+        out,
+    ), out
     assert [r["iteration"] for r in rest] == [5, 6]
     assert [(r["loss"], r["grad_norm"]) for r in rest] == [(r["loss"], r["grad_norm"]) for r in records[4:]]
 
@@ -112,19 +125,29 @@ def test_corrupted_rank_file_is_detected_and_skipped(saved, tmp_path, capfd, rec
     with pytest.raises(AssertionError, match="rank_00001.pt is corrupted"):
         run_ranks(_main, 2, spawn, TINY + common + ["--load", str(copy / "iter_0000006")])
     for tb in _errors(spawn):
-        assert f"ConfigError: --load {copy / 'iter_0000006'}: not a complete checkpoint: rank_00001.pt is corrupted" in tb
+        assert (
+            f"ConfigError: --load {copy / 'iter_0000006'}: not a complete checkpoint: rank_00001.pt is corrupted" in tb
+        )
 
-    shown = subprocess.run([sys.executable, "-m", "megalite.training.inspect_ckpt", str(copy)],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "megalite.training.inspect_ckpt", str(copy)], capture_output=True, text=True, check=True
+    ).stdout
     assert "iter_0000006: rank_00001.pt is corrupted" in shown and "--load resumes from iter_0000004" in shown
     assert "rank_00000.pt" in shown and "no checksum (saved before megalite recorded them; size checked)" in shown
-    shown = subprocess.run([sys.executable, "-m", "megalite.training.inspect_ckpt", str(copy / "iter_0000006")],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "megalite.training.inspect_ckpt", str(copy / "iter_0000006")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert re.search(r"rank_00000.pt  [\d,]+ bytes  CRC-32 ok", shown), shown
     assert re.search(r"rank_00001.pt  [\d,]+ bytes  rank_00001.pt is corrupted", shown), shown
-    record_property("observed", "one byte flipped in the newest checkpoint's rank_00001.pt (size unchanged): --load "
-                                "DIR warned naming it and resumed bitwise from the previous one (saved without "
-                                "checksums, checked by size); --load DIR/iter_0000006 failed on both ranks naming it")
+    record_property(
+        "observed",
+        "one byte flipped in the newest checkpoint's rank_00001.pt (size unchanged): --load "
+        "DIR warned naming it and resumed bitwise from the previous one (saved without "
+        "checksums, checked by size); --load DIR/iter_0000006 failed on both ranks naming it",
+    )
 
 
 def _main(rank, world, argv):
@@ -132,8 +155,7 @@ def _main(rank, world, argv):
 
 
 @pytest.mark.fault("two-runs-same-save")
-def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path, corpus, capfd,
-                                                                           record_property):
+def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path, corpus, capfd, record_property):
     ck = tmp_path / "ck"
     flags = corpus + FLAGS + ["--eval-interval", "0", "--save", str(ck)]
     first = torchrun(tmp_path, "first", flags + ["--train-iters", "100000"])
@@ -144,8 +166,10 @@ def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp
         with pytest.raises(AssertionError, match="is in use by another run"):
             run_ranks(_main, 2, spawn, TINY + flags + ["--train-iters", "2", "--log-dir", str(tmp_path / "second")])
         for tb in _errors(spawn):
-            assert (f"ConfigError: --save {ck} is in use by another run ({holder}, lock {ck / '.lock'}); "
-                    "two runs saving into one directory would overwrite") in tb
+            assert (
+                f"ConfigError: --save {ck} is in use by another run ({holder}, lock {ck / '.lock'}); "
+                "two runs saving into one directory would overwrite"
+            ) in tb
         assert first.poll() is None  # the first run goes on
         os.kill(worker_pid(first, 0), signal.SIGKILL)  # it dies holding the lock
         assert first.wait(timeout=120) != 0
@@ -158,9 +182,12 @@ def test_second_run_on_a_save_dir_refuses_and_a_dead_runs_lock_is_taken_over(tmp
     assert f"taking over from a run that ended without releasing it ({holder})" in capfd.readouterr().out
     assert (ck / ".lock").read_text() == ""  # released at the end
     assert checkpoint.read_latest(str(ck)) == "iter_0000002"
-    record_property("observed", "a second 2-rank run on a running run's --save failed on both ranks at start-up, "
-                                "naming the holder's pid and host; after the holder was SIGKILLed the next run took "
-                                "the lock over and released it at exit")
+    record_property(
+        "observed",
+        "a second 2-rank run on a running run's --save failed on both ranks at start-up, "
+        "naming the holder's pid and host; after the holder was SIGKILLed the next run took "
+        "the lock over and released it at exit",
+    )
 
 
 def _verify_other_dirs(rank, world, dirs):

@@ -6,13 +6,14 @@ rank holds; a per-rank input differs by rank. Likewise the upstream gradient is 
 rank-local consumer). Every rank rebuilds all tensors from one seed, runs a plain-torch
 reference and its autograd, and checks its own output and input gradient against it.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
 from torch.testing import assert_close
 
 from megalite.parallel import comm
-from multiproc import run_ranks
 
 
 def _chunks(x, p, dim):
@@ -23,16 +24,35 @@ def _chunks(x, p, dim):
 CASES = {
     "copy_to_region": (comm.copy_to_region, lambda xs, p: xs, lambda p: (3, 2, 5), True, False),
     "reduce_from_region": (comm.reduce_from_region, lambda xs, p: [sum(xs)] * p, lambda p: (3, 2, 5), False, True),
-    "scatter_last_dim": (comm.scatter_last_dim, lambda xs, p: _chunks(xs[0], p, -1), lambda p: (3, 2, 7 * p),
-                         True, False),
-    "gather_last_dim": (comm.gather_last_dim, lambda xs, p: [torch.cat(xs, -1)] * p, lambda p: (3, 2, 7),
-                        False, True),
-    "gather_along_sequence": (comm.gather_along_sequence, lambda xs, p: [torch.cat(xs, 0)] * p,
-                              lambda p: (3, 2, 5), False, False),
-    "reduce_scatter_along_sequence": (comm.reduce_scatter_along_sequence, lambda xs, p: _chunks(sum(xs), p, 0),
-                                      lambda p: (3 * p, 2, 5), False, False),
-    "scatter_to_sequence": (comm.scatter_to_sequence, lambda xs, p: _chunks(xs[0], p, 0),
-                            lambda p: (3 * p, 2, 5), True, False),
+    "scatter_last_dim": (
+        comm.scatter_last_dim,
+        lambda xs, p: _chunks(xs[0], p, -1),
+        lambda p: (3, 2, 7 * p),
+        True,
+        False,
+    ),
+    "gather_last_dim": (comm.gather_last_dim, lambda xs, p: [torch.cat(xs, -1)] * p, lambda p: (3, 2, 7), False, True),
+    "gather_along_sequence": (
+        comm.gather_along_sequence,
+        lambda xs, p: [torch.cat(xs, 0)] * p,
+        lambda p: (3, 2, 5),
+        False,
+        False,
+    ),
+    "reduce_scatter_along_sequence": (
+        comm.reduce_scatter_along_sequence,
+        lambda xs, p: _chunks(sum(xs), p, 0),
+        lambda p: (3 * p, 2, 5),
+        False,
+        False,
+    ),
+    "scatter_to_sequence": (
+        comm.scatter_to_sequence,
+        lambda xs, p: _chunks(xs[0], p, 0),
+        lambda p: (3 * p, 2, 5),
+        True,
+        False,
+    ),
 }
 
 # name -> expected [(op, phase)] records, in order

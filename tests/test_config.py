@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from pretrain_utils import ROOT
 
 from megalite import config as C
 from megalite.config import ConfigError
@@ -13,16 +14,41 @@ from megalite.distributed import check_bf16
 from megalite.ops import attention
 from megalite.training.checkpoint import resolve_load_dir
 from megalite.training.main import main, validate_world
-from pretrain_utils import ROOT
 
 
 def test_megatron_flags_parse_into_sections():
-    cfg = C.parse(["--num-layers", "3", "--hidden-size", "96", "--num-attention-heads", "6",
-                   "--group-query-attention", "--num-query-groups", "2", "--swiglu",
-                   "--normalization", "RMSNorm", "--position-embedding-type", "learned_absolute",
-                   "--untie-embeddings-and-output-weights", "--lr", "3e-4", "--bf16",
-                   "--tensor-parallel-size", "2", "--sequence-parallel", "--save", "/tmp/x",
-                   "--wandb-project", "p", "--lr-decay-style", "linear", "--disable-bias-linear"])
+    cfg = C.parse(
+        [
+            "--num-layers",
+            "3",
+            "--hidden-size",
+            "96",
+            "--num-attention-heads",
+            "6",
+            "--group-query-attention",
+            "--num-query-groups",
+            "2",
+            "--swiglu",
+            "--normalization",
+            "RMSNorm",
+            "--position-embedding-type",
+            "learned_absolute",
+            "--untie-embeddings-and-output-weights",
+            "--lr",
+            "3e-4",
+            "--bf16",
+            "--tensor-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--save",
+            "/tmp/x",
+            "--wandb-project",
+            "p",
+            "--lr-decay-style",
+            "linear",
+            "--disable-bias-linear",
+        ]
+    )
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_kv_heads) == (3, 96, 2)
     assert cfg.model.swiglu and cfg.model.untie_embeddings_and_output_weights and not cfg.model.add_bias_linear
     assert cfg.train.lr == 3e-4 and cfg.train.bf16 and cfg.train.lr_decay_style == "linear"
@@ -47,26 +73,37 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     cfg = C.parse(["--config", str(toml)])
     assert cfg.model.seq_length == 64 and cfg.model.swiglu and not cfg.model.add_bias_linear
     toml.write_text('lr-decay-style = "cosin"\n')
-    with pytest.raises(ConfigError, match=r"c\.toml: lr-decay-style must be one of cosine, linear, constant \(got 'cosin'\)"):
+    with pytest.raises(
+        ConfigError, match=r"c\.toml: lr-decay-style must be one of cosine, linear, constant \(got 'cosin'\)"
+    ):
         C.parse(["--config", str(toml)])
 
 
 @pytest.mark.fault("bad-config")
-@pytest.mark.parametrize("name, content, message", [
-    ("c.json", {"num-layerz": 3, "lr": 0.1}, r"c\.json: unknown key 'num-layerz' \(did you mean --num-layers\?\)"),
-    ("c.toml", 'seq_len = 64\n', r"c\.toml: unknown key 'seq_len' \(did you mean --seq-length\?\)"),
-    ("c.json", {"num_layers": "four"}, r"c\.json: num_layers must be an integer \(got 'four'\)"),
-    ("c.toml", "num-layers = 2.5\n", r"c\.toml: num-layers must be an integer \(got 2\.5\)"),
-    ("c.json", {"lr": [0.1]}, r"c\.json: lr must be a number \(got \[0\.1\]\)"),
-    ("c.json", {"swiglu": "yes"}, r"c\.json: swiglu must be true or false \(got 'yes'\)"),
-    ("c.json", {"normalization": "rmsnorm"}, r"c\.json: normalization must be one of LayerNorm, RMSNorm"),
-    ("c.json", {"tensor-parallel-size": 0},
-     r"--tensor-parallel-size must be >= 1 \(got 0\) \(--tensor-parallel-size set in --config .*c\.json\)"),
-    ("c.json", {"hidden-size": 100, "num-attention-heads": 3},
-     r"--hidden-size 100 is not divisible .* \(--hidden-size, --num-attention-heads set in --config .*c\.json\)"),
-    ("c.toml", "num-layers = = 2\n", r"c\.toml is not valid TOML"),
-    ("c.json", "[1, 2]", r"c\.json must hold one object of flag names and values, not a list"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("c.json", {"num-layerz": 3, "lr": 0.1}, r"c\.json: unknown key 'num-layerz' \(did you mean --num-layers\?\)"),
+        ("c.toml", "seq_len = 64\n", r"c\.toml: unknown key 'seq_len' \(did you mean --seq-length\?\)"),
+        ("c.json", {"num_layers": "four"}, r"c\.json: num_layers must be an integer \(got 'four'\)"),
+        ("c.toml", "num-layers = 2.5\n", r"c\.toml: num-layers must be an integer \(got 2\.5\)"),
+        ("c.json", {"lr": [0.1]}, r"c\.json: lr must be a number \(got \[0\.1\]\)"),
+        ("c.json", {"swiglu": "yes"}, r"c\.json: swiglu must be true or false \(got 'yes'\)"),
+        ("c.json", {"normalization": "rmsnorm"}, r"c\.json: normalization must be one of LayerNorm, RMSNorm"),
+        (
+            "c.json",
+            {"tensor-parallel-size": 0},
+            r"--tensor-parallel-size must be >= 1 \(got 0\) \(--tensor-parallel-size set in --config .*c\.json\)",
+        ),
+        (
+            "c.json",
+            {"hidden-size": 100, "num-attention-heads": 3},
+            r"--hidden-size 100 is not divisible .* \(--hidden-size, --num-attention-heads set in --config .*c\.json\)",
+        ),
+        ("c.toml", "num-layers = = 2\n", r"c\.toml is not valid TOML"),
+        ("c.json", "[1, 2]", r"c\.json must hold one object of flag names and values, not a list"),
+    ],
+)
 def test_bad_config_file_fails_naming_the_key_before_any_collective(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -83,30 +120,48 @@ def test_bad_config_file_through_pretrain_py(tmp_path, record_property):
     with pytest.raises(ConfigError, match=r"\(got 0\)$"):
         C.parse(["--config", str(path), "--tensor-parallel-size", "0"])
     path.write_text(json.dumps({"micro_batch_size": "two"}))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--config", str(path)], check=False,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pretrain.py"), "--config", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"megalite: error: --config {path}: micro_batch_size must be an integer (got 'two')" in proc.stderr
-    record_property("observed", "unknown key, wrong type, bad choice or bad value: ConfigError naming the key "
-                                f"and the file; pretrain.py exits {proc.returncode}")
+    record_property(
+        "observed",
+        "unknown key, wrong type, bad choice or bad value: ConfigError naming the key "
+        f"and the file; pretrain.py exits {proc.returncode}",
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-attention-heads", "6", "--group-query-attention", "--num-query-groups", "4", "--hidden-size", "96"],
-     "not divisible by --num-query-groups 4"),
-    (["--group-query-attention"], "needs --num-query-groups"),
-    (["--hidden-size", "100", "--num-attention-heads", "3"], "set --kv-channels"),
-    (["--seq-length", "512", "--max-position-embeddings", "256"], "exceeds --max-position-embeddings"),
-    (["--save-interval", "5"], "without --save"),
-    (["--use-flash-attn"], "needs --bf16"),
-    (["--kv-channels", "15"], "head dim 15 must be even"),
-    (["--log-interval", "0"], "--log-interval must be >= 1"),
-    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
-    (["--max-skipped-steps", "-1"], "--max-skipped-steps must be >= 0"),
-    (["--lr-warmup-iters", "10", "--lr-decay-iters", "10"], "--lr-decay-iters 10 must exceed --lr-warmup-iters 10"),
-    (["--lr-warmup-iters", "5", "--train-iters", "5"], r"--train-iters 5 \(the default --lr-decay-iters\) must exceed"),
-    (["--lr-decay-iters", "0"], "--lr-decay-iters must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--num-attention-heads", "6", "--group-query-attention", "--num-query-groups", "4", "--hidden-size", "96"],
+            "not divisible by --num-query-groups 4",
+        ),
+        (["--group-query-attention"], "needs --num-query-groups"),
+        (["--hidden-size", "100", "--num-attention-heads", "3"], "set --kv-channels"),
+        (["--seq-length", "512", "--max-position-embeddings", "256"], "exceeds --max-position-embeddings"),
+        (["--save-interval", "5"], "without --save"),
+        (["--use-flash-attn"], "needs --bf16"),
+        (["--kv-channels", "15"], "head dim 15 must be even"),
+        (["--log-interval", "0"], "--log-interval must be >= 1"),
+        (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+        (["--max-skipped-steps", "-1"], "--max-skipped-steps must be >= 0"),
+        (["--lr-warmup-iters", "10", "--lr-decay-iters", "10"], "--lr-decay-iters 10 must exceed --lr-warmup-iters 10"),
+        (
+            ["--lr-warmup-iters", "5", "--train-iters", "5"],
+            r"--train-iters 5 \(the default --lr-decay-iters\) must exceed",
+        ),
+        (["--lr-decay-iters", "0"], "--lr-decay-iters must be >= 1"),
+    ],
+)
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ConfigError, match=message):
         C.parse(argv)
@@ -125,6 +180,7 @@ def test_use_flash_attn_needs_the_package(monkeypatch, installed):
 
 def test_use_flash_attn_on_cpu_is_refused_before_any_collective(monkeypatch):
     from megalite.parallel.parallelize import validate_layout
+
     monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv in (["--device", "cpu"], []):  # explicit, and the default on a machine without CUDA
@@ -138,7 +194,9 @@ def test_world_and_batch_checks():
     with pytest.raises(ConfigError, match="world size 6 is not divisible"):
         validate_world(cfg, 6)
     cfg = C.parse(["--micro-batch-size", "2", "--global-batch-size", "6"])
-    with pytest.raises(ConfigError, match="--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"):
+    with pytest.raises(
+        ConfigError, match="--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"
+    ):
         validate_world(cfg, 2)
     cfg = C.parse(["--micro-batch-size", "2"])
     assert validate_world(cfg, 4) == 4 and cfg.train.global_batch_size == 8
@@ -163,6 +221,7 @@ def test_bf16_unsupported_device_is_refused(monkeypatch):
 def test_gpu_launch_mistakes_are_refused(monkeypatch):
     from megalite import distributed
     from megalite.parallel.parallelize import validate_layout
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="local rank 1 but only 1 GPUs are visible"):
@@ -194,7 +253,7 @@ def test_every_boolean_can_be_set_both_ways_from_flags_and_files(tmp_path, monke
         js.write_text(json.dumps({field.metadata["flag"]: val}))
         toml.write_text(f"{field.name} = {str(val).lower()}\n")
         for path in (js, toml):
-            assert value(C.parse(["--config", str(path)])) is val, (path.read_text())
+            assert value(C.parse(["--config", str(path)])) is val, path.read_text()
             assert value(C.parse(["--config", str(path), negative if val else flag])) is (not val)  # flags win
 
 
@@ -206,9 +265,33 @@ def test_megatron_negative_spellings():
 def test_lr_of_iteration_k_is_schedule_k():
     """The step producing iteration k runs at schedule(k): warmup starts at lr/warmup, not 0 (Megatron's)."""
     from megalite.training.optim import lr_at
-    t = C.parse(["--lr", "1.0", "--min-lr", "0.1", "--lr-warmup-iters", "4", "--lr-decay-iters", "8",
-                 "--lr-decay-style", "linear", "--train-iters", "10"]).train
+
+    t = C.parse(
+        [
+            "--lr",
+            "1.0",
+            "--min-lr",
+            "0.1",
+            "--lr-warmup-iters",
+            "4",
+            "--lr-decay-iters",
+            "8",
+            "--lr-decay-style",
+            "linear",
+            "--train-iters",
+            "10",
+        ]
+    ).train
     assert [lr_at(k, t) for k in range(1, 5)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(6, t) == pytest.approx(0.55) and lr_at(8, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(0.1)
-    assert lr_at(7, C.parse(["--lr", "1.0", "--lr-warmup-iters", "4", "--lr-decay-iters", "4",
-                             "--lr-decay-style", "constant"]).train) == 1.0
+    assert (
+        lr_at(6, t) == pytest.approx(0.55) and lr_at(8, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(0.1)
+    )
+    assert (
+        lr_at(
+            7,
+            C.parse(
+                ["--lr", "1.0", "--lr-warmup-iters", "4", "--lr-decay-iters", "4", "--lr-decay-style", "constant"]
+            ).train,
+        )
+        == 1.0
+    )

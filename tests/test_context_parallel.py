@@ -1,13 +1,14 @@
 """Zigzag sharding, CP validation, and the three --cp-comm-type attentions against full attention."""
+
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
+from parity import TOL, make_inputs, reference
 
 from megalite.config import ConfigError, ModelConfig
 from megalite.parallel.apply_cp import CP_ATTENTION, ContextParallelAttention, validate_cp
 from megalite.parallel.zigzag import zigzag_merge, zigzag_positions, zigzag_split
-from multiproc import run_ranks
-from parity import TOL, make_inputs, reference
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
@@ -46,7 +47,9 @@ def test_validate_cp():
     validate_cp(cfg, 2, "a2a")
     with pytest.raises(ConfigError, match="--seq-length 64 is not divisible by 2 x --context-parallel-size 64"):
         validate_cp(cfg, 64, "p2p")
-    with pytest.raises(ConfigError, match=r"kv heads per TP rank \(2\) must both be divisible by --context-parallel-size 4"):
+    with pytest.raises(
+        ConfigError, match=r"kv heads per TP rank \(2\) must both be divisible by --context-parallel-size 4"
+    ):
         validate_cp(cfg, 4, "a2a")
     with pytest.raises(ConfigError, match="--cp-comm-type 'ring'"):
         validate_cp(cfg, 2, "ring")
@@ -78,8 +81,9 @@ def _variants_agree(rank, world):
             results[comm] = (out, ql.grad, kl.grad, vl.grad)
             for name, got, ref in zip(("out", "dq", "dk", "dv"), results[comm], want):
                 assert got.dtype == dtype, (comm, name)
-                torch.testing.assert_close(got.double(), ref, **TOL[dtype],
-                                           msg=lambda m: f"{comm} case {CASES[i]} {name}: {m}")
+                torch.testing.assert_close(
+                    got.double(), ref, **TOL[dtype], msg=lambda m: f"{comm} case {CASES[i]} {name}: {m}"
+                )
         if dtype == torch.float64:  # the three are the same computation up to summation order
             for comm in ("all_gather", "a2a"):
                 for got, ring in zip(results[comm], results["p2p"]):
@@ -98,5 +102,6 @@ def test_comm_types_match_full_attention(tmp_path, world):
 
 def test_readme_import_path_still_works():
     from megalite.parallel import context_parallel, zigzag
+
     assert context_parallel.zigzag_split is zigzag.zigzag_split
     assert context_parallel.zigzag_merge is zigzag.zigzag_merge

@@ -30,8 +30,12 @@ def write(prefix, docs, vocab_size=100):
 
 def rebuild(prefix, tokenizer=r"\S+"):
     """The preprocess command an error must give to rebuild the dataset at ``prefix``."""
-    return (r"python -m megalite\.data\.preprocess --input FILES --tokenizer-model " + tokenizer
-            + " --output-prefix " + re.escape(str(prefix)))
+    return (
+        r"python -m megalite\.data\.preprocess --input FILES --tokenizer-model "
+        + tokenizer
+        + " --output-prefix "
+        + re.escape(str(prefix))
+    )
 
 
 def tiny_docs(n, seed=0):
@@ -41,6 +45,7 @@ def tiny_docs(n, seed=0):
 
 
 # ---- .bin/.idx format -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("vocab_size, dtype", [(65536, np.uint16), (70000, np.int32)])
 def test_build_and_read(tmp_path, vocab_size, dtype):
@@ -78,7 +83,9 @@ def test_truncated_bin(tmp_path):
     prefix = write(tmp_path / "d", [[1, 2, 3], [4, 5]])
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(6)
-    with pytest.raises(DatasetFormatError, match=r"d\.bin is 6 bytes .* 5 uint16 tokens .*truncated.*" + rebuild(prefix)):
+    with pytest.raises(
+        DatasetFormatError, match=r"d\.bin is 6 bytes .* 5 uint16 tokens .*truncated.*" + rebuild(prefix)
+    ):
         IndexedDataset(prefix)
 
 
@@ -101,14 +108,17 @@ HEADER = indexed.HEADERS[indexed.VERSION].size
 
 
 @pytest.mark.fault("bad-data")
-@pytest.mark.parametrize("offset, data, match", [
-    (0, b"NOTMEGA\0", "not a megalite index"),
-    (8, np.uint64(7).tobytes(), "format version 7"),
-    (16, np.uint64(9).tobytes(), "dtype code 9"),
-    (32, np.uint64(3).tobytes(), r"d\.idx is 88 bytes, its header implies 100: truncated or corrupt"),  # doc count
-    (HEADER + 8, np.int64(2).tobytes(), "do not tile"),  # second document's offset out of place
-    (HEADER + 16 + 4, np.int32(-1).tobytes(), "do not tile"),  # negative size
-])
+@pytest.mark.parametrize(
+    "offset, data, match",
+    [
+        (0, b"NOTMEGA\0", "not a megalite index"),
+        (8, np.uint64(7).tobytes(), "format version 7"),
+        (16, np.uint64(9).tobytes(), "dtype code 9"),
+        (32, np.uint64(3).tobytes(), r"d\.idx is 88 bytes, its header implies 100: truncated or corrupt"),  # doc count
+        (HEADER + 8, np.int64(2).tobytes(), "do not tile"),  # second document's offset out of place
+        (HEADER + 16 + 4, np.int32(-1).tobytes(), "do not tile"),  # negative size
+    ],
+)
 def test_corrupt_idx(tmp_path, offset, data, match):
     prefix = write(tmp_path / "d", [[1, 2, 3], [4, 5]])
     _patch_idx(prefix, offset, data)
@@ -132,18 +142,19 @@ def test_format_1_index_is_still_read(tmp_path):
         raw = f.read()
     magic, _, *counts, _ = indexed.HEADERS[2].unpack_from(raw)
     with open(prefix + ".idx", "wb") as f:  # the same index as version 1 wrote it: no tokenizer fingerprint
-        f.write(indexed.HEADERS[1].pack(magic, 1, *counts) + raw[indexed.HEADERS[2].size:])
+        f.write(indexed.HEADERS[1].pack(magic, 1, *counts) + raw[indexed.HEADERS[2].size :])
     ds = IndexedDataset(prefix)
     assert [ds.doc(i).tolist() for i in range(2)] == [[1, 2, 3], [4, 5]] and ds.tokenizer_fingerprint is None
 
 
 # ---- GPT samples --------------------------------------------------------------------------------
 
+
 def reference_windows(ds, docs, n_samples, epochs):
     """The obvious construction: concatenate documents epoch by epoch, cut overlapping windows."""
     stream = np.concatenate([np.concatenate([docs[d] for d in ds.doc_order(e)]) for e in range(epochs)])
     s = ds.seq_length
-    return [stream[k * s:k * s + s + 1] for k in range(n_samples)]
+    return [stream[k * s : k * s + s + 1] for k in range(n_samples)]
 
 
 @pytest.mark.parametrize("seq_length", [1, 4, 13, 200])  # 200 spans several epochs of 98 tokens
@@ -165,7 +176,7 @@ def test_shuffled_samples_are_a_permutation_of_reference(tmp_path):
     ref = reference_windows(ds, docs, 3 * n, epochs=4)
     for block in range(3):  # each block of len(ds) samples is a shuffle of the next len(ds) windows
         got = sorted(tuple(ds.window(block * n + j)) for j in range(n))
-        assert got == sorted(tuple(w) for w in ref[block * n:(block + 1) * n])
+        assert got == sorted(tuple(w) for w in ref[block * n : (block + 1) * n])
     assert [ds.window(j).tolist() for j in range(n)] != [w.tolist() for w in ref[:n]]
 
 
@@ -214,13 +225,15 @@ def test_build_datasets_splits_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"test split of .*d \(0 of 100 documents, --split 90,10,0\) has no documents"):
         test[0]
     with pytest.raises(ValueError, match="vocabulary of 100 but the tokenizer has 50"):
-        build_datasets(prefix, "1", 8, 3, EOD, tokenizer=SimpleNamespace(vocab_size=50, fingerprint=None,
-                                                                          model_path="t.model"))
+        build_datasets(
+            prefix, "1", 8, 3, EOD, tokenizer=SimpleNamespace(vocab_size=50, fingerprint=None, model_path="t.model")
+        )
     with pytest.raises(ValueError, match="does not end with the EOD id 5.*" + rebuild(prefix)):
         build_datasets(prefix, "1", 8, 3, 5)
 
 
 # ---- preprocess CLI and the default corpus ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -238,8 +251,20 @@ def test_preprocess_txt_and_jsonl(tmp_path, corpus):
     records = [{"text": "first doc ∑", "meta": 1}, {"text": "", "title": "t"}, {"text": "third\n\tdoc"}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     out = str(tmp_path / "out" / "ds")
-    assert preprocess_main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
-                            "--tokenizer-model", model, "--output-prefix", out]) == 0
+    assert (
+        preprocess_main(
+            [
+                "--input",
+                str(tmp_path / "a.txt"),
+                str(tmp_path / "b.jsonl"),
+                "--tokenizer-model",
+                model,
+                "--output-prefix",
+                out,
+            ]
+        )
+        == 0
+    )
     ds = IndexedDataset(out)
     assert ds.vocab_size == tok.vocab_size and ds.tokenizer_fingerprint == tok.fingerprint
     texts = [a] + [r["text"] for r in records]
@@ -248,8 +273,9 @@ def test_preprocess_txt_and_jsonl(tmp_path, corpus):
         assert ds.doc(i)[-1] == tok.eod
         assert tok.decode(ds.doc(i)[:-1]) == text
 
-    preprocess_main(["--input", str(tmp_path / "a.txt"), "--split-paragraphs",
-                     "--tokenizer-model", model, "--output-prefix", out])
+    preprocess_main(
+        ["--input", str(tmp_path / "a.txt"), "--split-paragraphs", "--tokenizer-model", model, "--output-prefix", out]
+    )
     ds = IndexedDataset(out)
     assert [tok.decode(ds.doc(i)[:-1]) for i in range(len(ds))] == ["def f():\r\n    return 1  ", "class Ü: pass"]
 
@@ -303,11 +329,18 @@ def test_data_built_with_another_tokenizer(tmp_path, corpus):
     text.write_text(pathlib.Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text() * 3)
     other = Tokenizer(train_tokenizer([str(text)], str(tmp_path / "other"), tok.vocab_size))
     assert (other.vocab_size, other.eod) == (tok.vocab_size, tok.eod)  # only the fingerprint tells them apart
-    with pytest.raises(DatasetFormatError, match=re.escape(f"{prefix}.idx was written by another tokenizer than "
-                                                           f"{other.model_path}") + ".*" + rebuild(prefix, re.escape(other.model_path))):
+    with pytest.raises(
+        DatasetFormatError,
+        match=re.escape(f"{prefix}.idx was written by another tokenizer than {other.model_path}")
+        + ".*"
+        + rebuild(prefix, re.escape(other.model_path)),
+    ):
         build_datasets(prefix, "1", 8, 3, other.eod, tokenizer=other)
     smaller = Tokenizer(train_tokenizer([str(text)], str(tmp_path / "small"), 400))
-    with pytest.raises(DatasetFormatError, match=f"vocabulary of {tok.vocab_size} but the tokenizer has 400 "
-                                                 r"\(.*small\.model\): the data was built with another tokenizer.*" + rebuild(prefix)):
+    with pytest.raises(
+        DatasetFormatError,
+        match=f"vocabulary of {tok.vocab_size} but the tokenizer has 400 "
+        r"\(.*small\.model\): the data was built with another tokenizer.*" + rebuild(prefix),
+    ):
         build_datasets(prefix, "1", 8, 3, smaller.eod, tokenizer=smaller)
     assert len(build_datasets(prefix, "1", 8, 3, tok.eod, tokenizer=tok)[0]) > 0

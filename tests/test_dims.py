@@ -4,10 +4,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
 
 from megalite.config import ConfigError, ParallelConfig
 from megalite.parallel.dims import ParallelDims, check_layout
-from multiproc import run_ranks
 
 
 def test_layout_must_divide():
@@ -40,8 +40,10 @@ def test_grid_ranks(tmp_path):
 
 def _timeouts(rank, world, flag):
     n = 0
-    for cfg in (ParallelConfig(tensor_parallel_size=2, distributed_timeout_minutes=0.05),
-                ParallelConfig(context_parallel_size=2, distributed_timeout_minutes=0.05)):
+    for cfg in (
+        ParallelConfig(tensor_parallel_size=2, distributed_timeout_minutes=0.05),
+        ParallelConfig(context_parallel_size=2, distributed_timeout_minutes=0.05),
+    ):
         dims = ParallelDims.build(cfg)
         groups = [dims.tp_group] if dims.tp == 2 else [dims.cp_group, dims.dp_cp_group]
         for group in groups:

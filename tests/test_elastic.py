@@ -1,17 +1,28 @@
 """pretrain.py under torchrun: kill -9 + --max-restarts resumes exactly, SIGTERM saves and exits,
 a stuck rank makes the others fail with a message naming rank and operation."""
+
 import os
 import signal
 import time
 
 import pytest
-
-from megalite.training import checkpoint
 from pretrain_utils import losses, output, torchrun, wait_for_iteration, worker_pid
 
+from megalite.training import checkpoint
+
 ITERS = 30
-FLAGS = ["--train-iters", str(ITERS), "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-interval", "0",
-         "--distributed-timeout-minutes", "1"]
+FLAGS = [
+    "--train-iters",
+    str(ITERS),
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--eval-interval",
+    "0",
+    "--distributed-timeout-minutes",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +47,19 @@ def test_kill_minus_9_restarts_from_latest_checkpoint(tmp_path, corpus, referenc
     last = {r["iteration"]: r for r in records}
     assert sorted(last) == list(range(1, ITERS + 1))
     for ref in reference:  # every record, before and after the restart, equals the uninterrupted run's
-        assert all(r["loss"] == ref["loss"] and r["grad_norm"] == ref["grad_norm"]
-                   for r in records if r["iteration"] == ref["iteration"]), ref["iteration"]
+        assert all(
+            r["loss"] == ref["loss"] and r["grad_norm"] == ref["grad_norm"]
+            for r in records
+            if r["iteration"] == ref["iteration"]
+        ), ref["iteration"]
     assert checkpoint.read_latest(str(ck)) == f"iter_{ITERS:07d}"
     redone = len(records) - ITERS
-    record_property("observed", f"rank 1 SIGKILLed after iteration 5 (2 ranks, --save-interval 3): torchrun restarted "
-                                f"both, {redone} iterations were redone from the checkpoint, every logged loss and "
-                                "grad norm equals the uninterrupted run's")
+    record_property(
+        "observed",
+        f"rank 1 SIGKILLed after iteration 5 (2 ranks, --save-interval 3): torchrun restarted "
+        f"both, {redone} iterations were redone from the checkpoint, every logged loss and "
+        "grad norm equals the uninterrupted run's",
+    )
 
 
 @pytest.mark.fault("sigterm-save")
@@ -79,4 +96,4 @@ def test_stuck_rank_times_out_naming_rank_and_operation(tmp_path, corpus, record
     line = next((ln for ln in text.splitlines() if blamed in ln), None)
     assert line, text[-3000:]
     assert "failed (a peer did not join within --distributed-timeout-minutes 0.15" in line and "imed out" in line
-    record_property("observed", "rank 1 SIGSTOPped: rank 0 failed with '" + line[line.index(blamed):][:90] + "...'")
+    record_property("observed", "rank 1 SIGSTOPped: rank 0 failed with '" + line[line.index(blamed) :][:90] + "...'")

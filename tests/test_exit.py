@@ -4,6 +4,7 @@ Under torch 2.13 + gloo a process group still alive at interpreter exit aborts t
 about one 2-rank run in three ("terminate called without an active exception"); see
 megalite.distributed.shutdown. A race like that hides from a single run, hence the soak.
 """
+
 import os
 import shutil
 import subprocess
@@ -13,12 +14,12 @@ import weakref
 
 import pytest
 import torch.distributed as dist
+from multiproc import run_ranks
+from pretrain_utils import ROOT, TINY, losses
 
 from megalite import distributed
 from megalite.parallel.dims import ParallelDims
 from megalite.training.main import main
-from multiproc import run_ranks
-from pretrain_utils import ROOT, TINY, losses
 
 SOAK_RUNS = 20
 LAYOUTS = [  # (ranks, flags): every grid shape with 2 and 4 ranks
@@ -28,15 +29,37 @@ LAYOUTS = [  # (ranks, flags): every grid shape with 2 and 4 ranks
     (4, ["--tensor-parallel-size", "2", "--context-parallel-size", "2", "--sequence-parallel"]),
     (4, ["--tensor-parallel-size", "2"]),
 ]
-SHORT = ["--train-iters", "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--eval-interval", "2",
-         "--distributed-timeout-minutes", "1"]
+SHORT = [
+    "--train-iters",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--eval-interval",
+    "2",
+    "--distributed-timeout-minutes",
+    "1",
+]
 ABORTED = ("terminate called", "SIGABRT", "Signal 6", "exitcode  : -6", "Fatal Python error")
 
 
 def torchrun(tmp_path, name, ranks, argv, script=None, timeout=240):
     """Run pretrain.py (or `script`) under torchrun; returns (exit code, output)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-           script or os.path.join(ROOT, "pretrain.py"), *TINY, *SHORT, *argv, "--log-dir", str(tmp_path / name)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        script or os.path.join(ROOT, "pretrain.py"),
+        *TINY,
+        *SHORT,
+        *argv,
+        "--log-dir",
+        str(tmp_path / name),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, *sys.path]))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
@@ -102,6 +125,7 @@ def _groups_die(rank, world, argv):
         dims = original(cfg)
         built.extend(weakref.ref(g) for g in (dims.tp_group, dims.cp_group, dims.dp_cp_group))
         return dims
+
     ParallelDims.build = staticmethod(recording)
     main(argv)
     distributed.shutdown()
@@ -109,8 +133,9 @@ def _groups_die(rank, world, argv):
     assert built and all(ref() is None for ref in built), "a process group outlived shutdown()"
 
 
-@pytest.mark.parametrize("layout", [["--context-parallel-size", "2"], ["--tensor-parallel-size", "2",
-                                                                          "--sequence-parallel"]])
+@pytest.mark.parametrize(
+    "layout", [["--context-parallel-size", "2"], ["--tensor-parallel-size", "2", "--sequence-parallel"]]
+)
 def test_shutdown_leaves_no_process_group_alive(tmp_path, corpus, layout):
     """The mechanism behind the soak, checked directly: once shutdown() returns, nothing holds a
     group that interpreter teardown would have to destroy."""

@@ -12,9 +12,20 @@ from megalite.training.metrics import MetricsLogger, flops_per_token, format_lin
 
 
 def record(i):
-    return {"iteration": i, "train_iters": 10, "consumed_samples": 8 * i, "loss": 5.0 - i, "lr": 1e-3,
-            "grad_norm": 1.5, "tokens_per_sec": 1234.0, "step_time": 0.25, "tflops_per_device": 0.5,
-            "mfu": 0.25, "mem_gib": 1.0, "eta_s": 30.0}
+    return {
+        "iteration": i,
+        "train_iters": 10,
+        "consumed_samples": 8 * i,
+        "loss": 5.0 - i,
+        "lr": 1e-3,
+        "grad_norm": 1.5,
+        "tokens_per_sec": 1234.0,
+        "step_time": 0.25,
+        "tflops_per_device": 0.5,
+        "mfu": 0.25,
+        "mem_gib": 1.0,
+        "eta_s": 30.0,
+    }
 
 
 def test_jsonl_one_object_per_iteration_and_wandb_offline_without_key(tmp_path, monkeypatch, capsys):
@@ -37,17 +48,28 @@ def test_console_line_without_mfu():
     assert "MFU" not in line and "valid loss: 3.500000E+00" in line and "ETA: 00:00:30" in line
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(untie_embeddings_and_output_weights=True, position_embedding_type="learned_absolute"),
-    dict(untie_embeddings_and_output_weights=True, swiglu=True, group_query_attention=True, num_query_groups=2,
-         normalization="RMSNorm", add_bias_linear=False),
-    dict(kv_channels=6, ffn_hidden_size=40),
-], ids=["tied", "untied-learned-pos", "untied-swiglu-gqa", "odd-dims"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(untie_embeddings_and_output_weights=True, position_embedding_type="learned_absolute"),
+        dict(
+            untie_embeddings_and_output_weights=True,
+            swiglu=True,
+            group_query_attention=True,
+            num_query_groups=2,
+            normalization="RMSNorm",
+            add_bias_linear=False,
+        ),
+        dict(kv_channels=6, ffn_hidden_size=40),
+    ],
+    ids=["tied", "untied-learned-pos", "untied-swiglu-gqa", "odd-dims"],
+)
 def test_flops_per_token_equals_torch_flop_counter(kw):
     """Every matmul of a forward + backward, counted by torch, equals what TFLOP/s and MFU assume."""
-    cfg = C.ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                        make_vocab_size_divisible_by=8, **kw)
+    cfg = C.ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, make_vocab_size_divisible_by=8, **kw
+    )
     model = GPT(cfg, 50)
     batch, seq = 2, cfg.seq_length
     tokens = torch.randint(0, 50, (batch, seq))

@@ -21,9 +21,12 @@ def batch(b=2, s=32, vocab=200, seed=0):
     return tokens[:, :-1], torch.arange(s).expand(b, s), tokens[:, 1:]
 
 
-VARIANTS = [dict(), dict(swiglu=True, normalization="RMSNorm", group_query_attention=True, num_query_groups=2),
-            dict(position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=True),
-            dict(add_bias_linear=False, kv_channels=8)]
+VARIANTS = [
+    dict(),
+    dict(swiglu=True, normalization="RMSNorm", group_query_attention=True, num_query_groups=2),
+    dict(position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=True),
+    dict(add_bias_linear=False, kv_channels=8),
+]
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
@@ -96,7 +99,11 @@ def test_use_flash_attn_routes_core_attention_to_flash_attn(monkeypatch):
     def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):  # stand-in with flash-attn's signature
         calls.append((q.shape, k.shape, dropout_p, causal))
         rep = q.shape[2] // k.shape[2]
-        q, k, v = q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2)
+        q, k, v = (
+            q.transpose(1, 2),
+            k.repeat_interleave(rep, 2).transpose(1, 2),
+            v.repeat_interleave(rep, 2).transpose(1, 2),
+        )
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))

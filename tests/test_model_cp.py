@@ -8,20 +8,21 @@ independent pairs) for every --cp-comm-type on two model variants (GQA + RoPE + 
 selective recompute; MHA + learned absolute positions + full recompute), the TP=2 x CP=2 grid
 with sequence parallel, and bf16 autocast.
 """
+
 import copy
 
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
+from parity import VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
 from torch.testing import assert_close
 
 from megalite.config import ParallelConfig
 from megalite.model import GPT
 from megalite.parallel.apply_cp import apply_cp
 from megalite.parallel.apply_tp import apply_tp
-from megalite.parallel.zigzag import zigzag_split
 from megalite.parallel.dims import ParallelDims
-from multiproc import run_ranks
-from parity import VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
+from megalite.parallel.zigzag import zigzag_split
 
 
 def _losses_and_grads(model, batches, cp=1, cp_rank=0):
@@ -80,8 +81,7 @@ def _model_checks(rank, world):
         for comm in ("p2p", "all_gather", "a2a"):
             for kw in VARIANTS:
                 _check(kw, cp_group, comm)
-    dims = ParallelDims.build(ParallelConfig(tensor_parallel_size=2, context_parallel_size=2,
-                                             sequence_parallel=True))
+    dims = ParallelDims.build(ParallelConfig(tensor_parallel_size=2, context_parallel_size=2, sequence_parallel=True))
     for comm in ("p2p", "a2a"):
         for kw in VARIANTS:
             _check(kw, dims.cp_group, comm, dims.tp_group, sp=True)

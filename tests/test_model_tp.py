@@ -6,11 +6,14 @@ embeddings, RoPE) and MHA + GELU + LayerNorm + learned positions (untied), with 
 selective recompute. Two micro-batches are accumulated, so the sequence-parallel gradient
 hooks must keep sum semantics.
 """
+
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
+from parity import BATCH, SEQ, VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
 from torch.testing import assert_close
 
 from megalite.config import ConfigError
@@ -18,8 +21,6 @@ from megalite.model import GPT
 from megalite.parallel.apply_tp import apply_tp, validate_tp
 from megalite.parallel.comm import CommCounter
 from megalite.parallel.tensor_parallel import split_dim
-from multiproc import run_ranks
-from parity import BATCH, SEQ, VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
 
 
 def _train_grads(model, batches):
@@ -44,9 +45,12 @@ def _check_one(kw, group, sp):
     model = apply_tp(GPT(cfg, VOCAB, seed=11), group, sp)
     tag = f"tp={tp} sp={sp} {kw}"
     seen, heads = [], []  # the norm must run on the rank's sequence shard under SP
-    hooks = [model.layers[0].input_norm.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])),
-             model.layers[0].attention.core_attention.register_forward_hook(
-                 lambda m, args, out: heads.append((args[0].shape[2], args[1].shape[2])))]
+    hooks = [
+        model.layers[0].input_norm.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])),
+        model.layers[0].attention.core_attention.register_forward_hook(
+            lambda m, args, out: heads.append((args[0].shape[2], args[1].shape[2]))
+        ),
+    ]
     got = _train_grads(model, batches)
     for hook in hooks:
         hook.remove()
@@ -84,8 +88,16 @@ def _check_one(kw, group, sp):
     x = torch.randn(SEQ // tp if sp else SEQ, BATCH, cfg.hidden_size, requires_grad=True)
     with CommCounter() as counter:
         model.layers[0].mlp(x).sum().backward()
-    expected = ([("all_gather", "forward"), ("reduce_scatter", "forward"), ("all_gather", "backward"),
-                 ("reduce_scatter", "backward")] if sp else [("all_reduce", "forward"), ("all_reduce", "backward")])
+    expected = (
+        [
+            ("all_gather", "forward"),
+            ("reduce_scatter", "forward"),
+            ("all_gather", "backward"),
+            ("reduce_scatter", "backward"),
+        ]
+        if sp
+        else [("all_reduce", "forward"), ("all_reduce", "backward")]
+    )
     assert [(r.op, r.phase) for r in counter.records if r.phase != "grad"] == expected, tag
 
     model.eval()
@@ -110,12 +122,17 @@ def test_tp_model_matches_single_rank(tmp_path):
     run_ranks(_model_checks, 4, tmp_path)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(num_attention_heads=6, hidden_size=24), "--num-attention-heads 6 is not divisible"),
-    (dict(num_attention_heads=8, hidden_size=32, group_query_attention=True, num_query_groups=2),
-     "--num-query-groups 2 is not divisible"),
-    (dict(ffn_hidden_size=30), "--ffn-hidden-size 30 is not divisible"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_attention_heads=6, hidden_size=24), "--num-attention-heads 6 is not divisible"),
+        (
+            dict(num_attention_heads=8, hidden_size=32, group_query_attention=True, num_query_groups=2),
+            "--num-query-groups 2 is not divisible",
+        ),
+        (dict(ffn_hidden_size=30), "--ffn-hidden-size 30 is not divisible"),
+    ],
+)
 def test_validate_tp_rejects_indivisible_model(kw, match):
     with pytest.raises(ConfigError, match=match):
         validate_tp(model_cfg(**kw), 4, False)

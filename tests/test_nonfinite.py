@@ -1,5 +1,6 @@
 """Non-finite loss or gradient: the update is skipped identically on every rank and logged, the run
 stops after --max-skipped-steps skips in a row, and no checkpoint is written with non-finite values."""
+
 import copy
 import math
 import os
@@ -8,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from multiproc import run_ranks
+from pretrain_utils import ROOT, TINY, losses, train
 
 from megalite.parallel.parallelize import unwrap
 from megalite.training import checkpoint, loop
 from megalite.training.main import main
-from multiproc import run_ranks
-from pretrain_utils import ROOT, TINY, losses, train
 
 pytestmark = pytest.mark.fault("nonfinite")
 
@@ -61,8 +62,7 @@ def _poisoned_main(rank, world, argv, bad_rank, value):
 
 def _run(tmp_path, name, world, argv, bad_rank, value):
     out = tmp_path / name
-    run_ranks(_poisoned_main, world, tmp_path / f"spawn-{name}",
-              TINY + argv + ["--log-dir", str(out)], bad_rank, value)
+    run_ranks(_poisoned_main, world, tmp_path / f"spawn-{name}", TINY + argv + ["--log-dir", str(out)], bad_rank, value)
     return losses(out)
 
 
@@ -73,8 +73,11 @@ def test_nonfinite_gradient_on_one_rank_is_skipped_by_every_rank(tmp_path, corpu
     assert [r["skipped_iterations"] for r in ref] == [0, 0, 1, 1, 1]
     assert [r["consumed_samples"] for r in ref] == [4, 8, 12, 16, 20]  # the data position still advances
     assert all(math.isfinite(r["loss"]) for r in ref) and ref[-1]["loss"] < ref[0]["loss"]
-    layouts = {"dp2": ([], math.nan), "tp2": (["--tensor-parallel-size", "2"], math.inf),
-               "cp2": (["--context-parallel-size", "2"], -math.inf)}
+    layouts = {
+        "dp2": ([], math.nan),
+        "tp2": (["--tensor-parallel-size", "2"], math.inf),
+        "cp2": (["--context-parallel-size", "2"], -math.inf),
+    }
     worst = 0.0
     for name, (extra, value) in layouts.items():
         got = _run(tmp_path, name, 2, argv + extra, 1, value)
@@ -84,9 +87,12 @@ def test_nonfinite_gradient_on_one_rank_is_skipped_by_every_rank(tmp_path, corpu
             worst = max(worst, abs(b["loss"] / a["loss"] - 1))
             if not a["skipped"]:
                 assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a, b)
-    record_property("observed", f"non-finite gradient on one rank at iteration {BAD_ITER} (1 rank, DP2, TP2, CP2): "
-                                f"update skipped on every rank, weights and Adam state bitwise unchanged; loss "
-                                f"curves within {worst:.0e} of one rank's")
+    record_property(
+        "observed",
+        f"non-finite gradient on one rank at iteration {BAD_ITER} (1 rank, DP2, TP2, CP2): "
+        f"update skipped on every rank, weights and Adam state bitwise unchanged; loss "
+        f"curves within {worst:.0e} of one rank's",
+    )
 
 
 def _poisoned_weight_main(rank, world, argv, bad_rank, at):
@@ -118,22 +124,44 @@ def test_checkpoint_with_nonfinite_values_is_refused_on_every_rank(tmp_path, cor
     assert "(this rank: model/final_norm.weight)" in errors[1] and "this rank" not in errors[0]
     assert checkpoint.read_latest(str(ck)) == "iter_0000002"
     assert not [n for n in os.listdir(ck) if "0000004" in n]  # not even a partial save
-    record_property("observed", "inf in one rank's weights: both ranks refused the save of iteration 4; "
-                                "latest still iter_0000002")
+    record_property(
+        "observed", "inf in one rank's weights: both ranks refused the save of iteration 4; latest still iter_0000002"
+    )
 
 
 def test_absurd_lr_stops_after_max_skipped_steps_naming_the_iteration(tmp_path, corpus, record_property):
     ck = tmp_path / "ck"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(ROOT, "pretrain.py"), *TINY, *corpus, *FLAGS, "--train-iters", "10", "--lr", "1e30",
-           "--max-skipped-steps", "3", "--save", str(ck), "--save-interval", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.join(ROOT, "pretrain.py"),
+        *TINY,
+        *corpus,
+        *FLAGS,
+        "--train-iters",
+        "10",
+        "--lr",
+        "1e30",
+        "--max-skipped-steps",
+        "3",
+        "--save",
+        str(ck),
+        "--save-interval",
+        "1",
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     # lr 1e30: the first update leaves huge but finite weights, whose loss overflows from then on.
-    assert ("stopping at iteration 4: the updates of iterations 2-4 were all skipped for a non-finite loss or "
-            "gradient (--max-skipped-steps 3)") in text, text[-3000:]
+    assert (
+        "stopping at iteration 4: the updates of iterations 2-4 were all skipped for a non-finite loss or "
+        "gradient (--max-skipped-steps 3)"
+    ) in text, text[-3000:]
     assert "this update skipped: non-finite loss or gradient" in text
     records = losses(ck)
     assert [r["skipped"] for r in records] == [False, True, True, True]
@@ -141,15 +169,23 @@ def test_absurd_lr_stops_after_max_skipped_steps_naming_the_iteration(tmp_path, 
     assert checkpoint.read_latest(str(ck)) == "iter_0000003"  # iteration 4 stopped before its save
     for it in (1, 2, 3):  # every checkpoint written holds finite values only
         d = ck / f"iter_{it:07d}"
-        tensors = {(name, key): t for name in os.listdir(d) if name.endswith(".pt")
-                   for key, t in torch.load(d / name, weights_only=False)["tensors"].items()}
+        tensors = {
+            (name, key): t
+            for name in os.listdir(d)
+            if name.endswith(".pt")
+            for key, t in torch.load(d / name, weights_only=False)["tensors"].items()
+        }
         assert len(tensors) > 10 and all(torch.isfinite(t).all() for t in tensors.values()), d
-    record_property("observed", f"--lr 1e30 under torchrun: iterations 2-4 skipped, exit {proc.returncode} with "
-                                "'stopping at iteration 4 ...'; checkpoints 1-3 finite")
+    record_property(
+        "observed",
+        f"--lr 1e30 under torchrun: iterations 2-4 skipped, exit {proc.returncode} with "
+        "'stopping at iteration 4 ...'; checkpoints 1-3 finite",
+    )
 
 
 def test_max_skipped_steps_zero_never_stops(tmp_path, corpus):
-    records = train(tmp_path, "run", 1, corpus + FLAGS + ["--train-iters", "4", "--lr", "1e30",
-                                                           "--max-skipped-steps", "0"])
+    records = train(
+        tmp_path, "run", 1, corpus + FLAGS + ["--train-iters", "4", "--lr", "1e30", "--max-skipped-steps", "0"]
+    )
     assert [r["skipped"] for r in records] == [False, True, True, True]
     assert [r["skipped_iterations"] for r in records] == [0, 1, 2, 3]

@@ -13,6 +13,7 @@ interpreter rounds fp32 -> bf16 toward zero (compiled kernels round to nearest).
 
 Set TRITON_INTERPRET=0 on a GPU machine to run the same tests on compiled kernels (CUDA).
 """
+
 import os
 import subprocess
 import sys
@@ -24,12 +25,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from multiproc import run_ranks  # noqa: E402
 
 from megalite.config import ModelConfig  # noqa: E402
 from megalite.model import GPT  # noqa: E402
 from megalite.ops.norm import Norm, build_norm, fused_norm  # noqa: E402
 from megalite.parallel.apply_tp import apply_tp  # noqa: E402
-from multiproc import run_ranks  # noqa: E402
 
 try:
     from megalite.ops import triton_norm as tn
@@ -42,8 +43,11 @@ elif tn is not None and torch.cuda.is_available():
     DEVICE, SKIP = "cuda", None
 else:
     DEVICE = "cpu"
-    SKIP = ("triton is not installed (pip install triton)" if tn is None else
-            "triton was imported without TRITON_INTERPRET=1 and there is no GPU")
+    SKIP = (
+        "triton is not installed (pip install triton)"
+        if tn is None
+        else "triton was imported without TRITON_INTERPRET=1 and there is no GPU"
+    )
 needs_triton = pytest.mark.skipif(SKIP is not None, reason=f"Triton norm kernels not tested: {SKIP}")
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
@@ -189,6 +193,7 @@ def test_empty_input_and_hidden_size_limit():
 
 def test_auto_uses_torch_on_cpu(monkeypatch):
     import megalite.ops.norm as norm_mod
+
     m = build_norm("LayerNorm", 32, 1e-5, "auto")
     assert m.bias is not None
     monkeypatch.setattr(norm_mod, "_triton_norm", lambda required: pytest.fail("auto imported Triton on CPU"))
@@ -229,9 +234,11 @@ def test_apex_path_calls_apex_with_its_signature(monkeypatch, kind):
 
 @pytest.mark.skipif(tn is None, reason="triton is not installed (pip install triton)")
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
-    code = ("import torch; from megalite.ops.norm import Norm\n"
-            "try:\n    Norm('RMSNorm', 8, impl='triton')(torch.ones(2, 8))\n"
-            "except RuntimeError as e:\n    print(e)\n")
+    code = (
+        "import torch; from megalite.ops.norm import Norm\n"
+        "try:\n    Norm('RMSNorm', 8, impl='triton')(torch.ones(2, 8))\n"
+        "except RuntimeError as e:\n    print(e)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -239,8 +246,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 
 def tiny(kind, impl):
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
-                       normalization=kind, swiglu=kind == "RMSNorm", norm_impl=impl)
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_length=16,
+        normalization=kind,
+        swiglu=kind == "RMSNorm",
+        norm_impl=impl,
+    )
 
 
 @needs_triton
@@ -275,8 +289,14 @@ def _tp_sp_triton_vs_dense(rank, world):
         loss = model(tokens[:, :-1], pos, tokens[:, 1:]).mean()
         loss.backward()
         losses.append(loss.detach())
-        norm_grads.append({f"{mn}.{n}": p.grad for mn, m in model.named_modules() if isinstance(m, Norm)
-                           for n, p in m.named_parameters()})
+        norm_grads.append(
+            {
+                f"{mn}.{n}": p.grad
+                for mn, m in model.named_modules()
+                if isinstance(m, Norm)
+                for n, p in m.named_parameters()
+            }
+        )
     torch.testing.assert_close(losses[1], losses[0])
     assert norm_grads[1].keys() == norm_grads[0].keys() and len(norm_grads[0]) == 5
     for name, grad in norm_grads[1].items():

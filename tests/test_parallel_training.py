@@ -1,10 +1,22 @@
 """pretrain.py's loss curve under TP, SP, CP and their combination equals one rank's (fp32, 1e-5)."""
-import pytest
 
+import pytest
 from pretrain_utils import train
 
-STEPS = ["--train-iters", "5", "--global-batch-size", "4", "--micro-batch-size", "2", "--swiglu",
-         "--normalization", "RMSNorm", "--group-query-attention", "--num-query-groups", "2"]
+STEPS = [
+    "--train-iters",
+    "5",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--swiglu",
+    "--normalization",
+    "RMSNorm",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +32,19 @@ def assert_same_curve(ref, got):
     assert got[-1]["valid_loss"] == pytest.approx(ref[-1]["valid_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("name, world, flags", [
-    ("tp2-sp", 2, ["--tensor-parallel-size", "2", "--sequence-parallel"]),
-    ("cp2", 2, ["--context-parallel-size", "2"]),
-    ("tp2-cp2-sp", 4, ["--tensor-parallel-size", "2", "--context-parallel-size", "2", "--sequence-parallel"]),
-    ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
-    ("cp2-allgather-recompute", 2, ["--context-parallel-size", "2", "--cp-comm-type", "all_gather",
-                                    "--recompute-granularity", "full"]),
-])
+@pytest.mark.parametrize(
+    "name, world, flags",
+    [
+        ("tp2-sp", 2, ["--tensor-parallel-size", "2", "--sequence-parallel"]),
+        ("cp2", 2, ["--context-parallel-size", "2"]),
+        ("tp2-cp2-sp", 4, ["--tensor-parallel-size", "2", "--context-parallel-size", "2", "--sequence-parallel"]),
+        ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
+        (
+            "cp2-allgather-recompute",
+            2,
+            ["--context-parallel-size", "2", "--cp-comm-type", "all_gather", "--recompute-granularity", "full"],
+        ),
+    ],
+)
 def test_loss_curve_equals_one_rank(tmp_path, corpus, reference, name, world, flags):
     assert_same_curve(reference, train(tmp_path, name, world, corpus + STEPS + flags))

@@ -4,19 +4,20 @@ Every rank builds the same full-sequence inputs (same seed), computes the full-a
 reference in float64 with torch autograd, and compares its zigzag shard of the outputs and of
 the q/k/v gradients with what ring attention produced from the shard alone.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
-
-from megalite.ops.attention import block_attention, get_backend
-from megalite.parallel.zigzag import zigzag_split
-from megalite.parallel.cp_blocks import merge_partial
-from megalite.parallel.ring_attention import ring_attention
 from multiproc import run_ranks
 from parity import TOL, make_inputs, reference
 
+from megalite.ops.attention import block_attention, get_backend
+from megalite.parallel.cp_blocks import merge_partial
+from megalite.parallel.ring_attention import ring_attention
+from megalite.parallel.zigzag import zigzag_split
 
 # ---- single process: backends and the merge ----
+
 
 @pytest.mark.parametrize("backend", ["math", "torch_cpu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -39,8 +40,8 @@ def test_block_backend_matches_sdpa(backend, dtype, head_dim, causal):
 def test_backend_lse_and_causal_shape_check(backend):
     q, k, v, _ = make_inputs(1, 1, 8, 2, 1, 32, torch.float64)
     be = get_backend(backend)
-    _, lse = be.forward(q, k, v, False, 32 ** -0.5)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.expand(-1, -1, 2, -1)) * 32 ** -0.5
+    _, lse = be.forward(q, k, v, False, 32**-0.5)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.expand(-1, -1, 2, -1)) * 32**-0.5
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
     with pytest.raises(ValueError, match="Sq == Sk"):
         be.forward(q, k[:, :4], v[:, :4], True, 1.0)
@@ -61,11 +62,12 @@ def test_merge_partial_equals_joint_softmax():
 def test_cpu_backend_without_native_gqa(dtype):
     """The local K/V repeat used for CPU kernels that predate GQA (torch < ~2.9)."""
     from megalite.ops.attention import TorchCPUBackend
+
     q, k, v, dout = make_inputs(3, 2, 8, 6, 2, 32, dtype)
     want = reference(q, k, v, dout, True)
     be = TorchCPUBackend(native_gqa=False)
-    out, lse = be.forward(q, k, v, True, 32 ** -0.5)
-    grads = be.backward(dout, q, k, v, out, lse, True, 32 ** -0.5)
+    out, lse = be.forward(q, k, v, True, 32**-0.5)
+    grads = be.backward(dout, q, k, v, out, lse, True, 32**-0.5)
     for got, ref in zip((out, *grads), want):
         assert got.shape == ref.shape
         torch.testing.assert_close(got.double(), ref, **TOL[dtype])
@@ -107,8 +109,7 @@ def _ring_vs_full(rank, world):
         out.backward(zigzag_split(dout, 1, world, rank))
         for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), want):
             assert got.dtype == dtype and got.shape == ref.shape, name
-            torch.testing.assert_close(got.double(), ref, **TOL[dtype],
-                                       msg=lambda m: f"case {CASES[i]} {name}: {m}")
+            torch.testing.assert_close(got.double(), ref, **TOL[dtype], msg=lambda m: f"case {CASES[i]} {name}: {m}")
 
 
 @pytest.mark.parametrize("world", [2, 4])

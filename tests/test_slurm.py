@@ -1,4 +1,5 @@
 """launch/slurm.sbatch on a real two-node SLURM cluster started on this machine (launch/local_slurm.sh)."""
+
 import json
 import os
 import random
@@ -10,13 +11,14 @@ import sys
 import time
 
 import pytest
+from pretrain_utils import ROOT, TINY, losses
 
 from megalite.training import checkpoint
-from pretrain_utils import ROOT, TINY, losses
 
 pytestmark = pytest.mark.skipif(
     shutil.which("sbatch") is None or shutil.which("slurmctld") is None,
-    reason="SLURM is not installed (apt-get install -y slurm-wlm munge; .ci/run installs it)")
+    reason="SLURM is not installed (apt-get install -y slurm-wlm munge; .ci/run installs it)",
+)
 LOCAL_SLURM = os.path.join(ROOT, "launch", "local_slurm.sh")
 
 
@@ -71,11 +73,39 @@ def test_two_node_sbatch_tp2_cp2_checkpoints_and_survives_kill_minus_9(cluster, 
     """sbatch -N2, 2 ranks per node, TP=2 x CP=2 on gloo; rank 3 is SIGKILLed mid-run: both nodes'
     torchruns restart their ranks, which resume from the latest checkpoint and finish."""
     ck, out, iters = tmp_path / "ck", tmp_path / "job.out", 40
-    env = dict(cluster, GPUS_PER_NODE="2", TP="2", CP="2", CKPT_DIR=str(ck), PYTHON=sys.executable,
-               MEGALITE_ROOT=ROOT, MASTER_PORT=str(free_ports(1)), MAX_RESTARTS="1")
-    cmd = ["sbatch", "--wait", "-N2", "-o", str(out), os.path.join(ROOT, "launch", "slurm.sbatch"),
-           *TINY, *corpus, "--train-iters", str(iters), "--save-interval", "5", "--eval-interval", "0",
-           "--global-batch-size", "4", "--micro-batch-size", "2", "--distributed-timeout-minutes", "2"]
+    env = dict(
+        cluster,
+        GPUS_PER_NODE="2",
+        TP="2",
+        CP="2",
+        CKPT_DIR=str(ck),
+        PYTHON=sys.executable,
+        MEGALITE_ROOT=ROOT,
+        MASTER_PORT=str(free_ports(1)),
+        MAX_RESTARTS="1",
+    )
+    cmd = [
+        "sbatch",
+        "--wait",
+        "-N2",
+        "-o",
+        str(out),
+        os.path.join(ROOT, "launch", "slurm.sbatch"),
+        *TINY,
+        *corpus,
+        "--train-iters",
+        str(iters),
+        "--save-interval",
+        "5",
+        "--eval-interval",
+        "0",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--distributed-timeout-minutes",
+        "2",
+    ]
     job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300

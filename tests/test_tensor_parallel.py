@@ -5,19 +5,25 @@ autograd, then the TP layer built with from_dense, and compares its output and e
 (input and parameters) with the matching slice of the reference. The scalar being
 differentiated is <output, G>, with G the upstream gradient sliced like the output.
 """
+
 import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from multiproc import run_ranks
 from torch import nn
 from torch.testing import assert_close
 
 from megalite.parallel.comm import CommCounter
-from megalite.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                               split_dim, vocab_parallel_cross_entropy)
-from multiproc import run_ranks
+from megalite.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    split_dim,
+    vocab_parallel_cross_entropy,
+)
 
 B, H_IN, H_OUT, V = 2, 5, 7, 12  # odd sizes; the sharded dims are multiples of 2 and 4 (12, 4p)
 
@@ -103,7 +109,7 @@ def _check_embedding(rank, p, group):
 def _check_cross_entropy(rank, p, group):
     s = 5
     logits_full = _randn(s, B, V, seed=10)
-    logits_full[..., V - 2:] = float("-inf")  # padded vocabulary, as the model masks it
+    logits_full[..., V - 2 :] = float("-inf")  # padded vocabulary, as the model masks it
     target = torch.randint(0, V - 2, (s, B), generator=torch.Generator().manual_seed(11))
     target[1, 0] = target[3, 1] = -100
     target[0, 0], target[0, 1] = 0, V - 3  # first and last real ids live on different ranks

@@ -55,8 +55,9 @@ def test_missing_model_names_file(tmp_path):
 
 
 def test_model_without_eos_is_rejected(tmp_path):
-    spm.SentencePieceTrainer.train(input=SOURCES, model_prefix=str(tmp_path / "noeos"), vocab_size=300,
-                                   eos_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=SOURCES, model_prefix=str(tmp_path / "noeos"), vocab_size=300, eos_id=-1, minloglevel=2
+    )
     with pytest.raises(ValueError, match="no end-of-sentence piece"):
         Tokenizer(str(tmp_path / "noeos.model"))
 

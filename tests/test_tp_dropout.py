@@ -1,16 +1,23 @@
 """Attention dropout under TP: masks differ across TP ranks, and recompute replays them exactly."""
+
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
 
 from megalite.config import ModelConfig
 from megalite.model import GPT
 from megalite.parallel.apply_tp import apply_tp
-from multiproc import run_ranks
 
 
 def _model(recompute):
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,
-                      attention_dropout=0.5, recompute_granularity=recompute)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_length=16,
+        attention_dropout=0.5,
+        recompute_granularity=recompute,
+    )
     return apply_tp(GPT(cfg, 128, seed=3), dist.group.WORLD, sequence_parallel=False)
 
 

@@ -1,4 +1,5 @@
 """End-to-end training: DP parity, bitwise resume, pretrain.py under torchrun, input errors."""
+
 import glob
 import os
 import pathlib
@@ -11,12 +12,13 @@ import sysconfig
 import numpy as np
 import pytest
 import torch.distributed as dist
+from pretrain_utils import ROOT, TINY, losses, train
 
 from megalite.config import ConfigError
 from megalite.data import indexed
 from megalite.data.tokenizer import train_tokenizer
 from megalite.training.main import main
-from pretrain_utils import ROOT, TINY, losses, train
+
 
 def test_dp2_loss_curve_equals_dp1(tmp_path, corpus):
     common = corpus + ["--train-iters", "5", "--global-batch-size", "4", "--micro-batch-size", "2"]
@@ -31,8 +33,18 @@ def test_dp2_loss_curve_equals_dp1(tmp_path, corpus):
 
 
 def test_resume_is_bitwise_identical(tmp_path, corpus):
-    common = corpus + ["--train-iters", "6", "--global-batch-size", "4", "--micro-batch-size", "2",
-                       "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+    common = corpus + [
+        "--train-iters",
+        "6",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--hidden-dropout",
+        "0.1",
+        "--attention-dropout",
+        "0.1",
+    ]
     full = train(tmp_path, "full", 2, common)
     ck = str(tmp_path / "ck")
     first = train(tmp_path, "first", 2, common + ["--save", ck, "--exit-interval", "3"])
@@ -49,8 +61,20 @@ def test_resume_is_bitwise_identical(tmp_path, corpus):
 def test_pretrain_py_under_torchrun_default_corpus(tmp_path):
     env = dict(os.environ, MEGALITE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     save = tmp_path / "save"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(ROOT, "pretrain.py"), *TINY, "--train-iters", "3", "--save", str(save)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.join(ROOT, "pretrain.py"),
+        *TINY,
+        "--train-iters",
+        "3",
+        "--save",
+        str(save),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "default corpus" in proc.stdout + proc.stderr
@@ -90,11 +114,14 @@ def _broken_copy(tmp_path, corpus, fault):
 
 
 @pytest.mark.fault("bad-data")
-@pytest.mark.parametrize("fault, message", [
-    ("truncated-bin", r"data\.bin is \d+ bytes but .*data\.idx describes .*truncated"),
-    ("corrupt-idx", r"data\.idx has document offsets/sizes that do not tile"),
-    ("other-tokenizer", r"data\.idx was written by another tokenizer than .*other\.model"),
-])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("truncated-bin", r"data\.bin is \d+ bytes but .*data\.idx describes .*truncated"),
+        ("corrupt-idx", r"data\.idx has document offsets/sizes that do not tile"),
+        ("other-tokenizer", r"data\.idx was written by another tokenizer than .*other\.model"),
+    ],
+)
 def test_bad_data_fails_naming_file_and_fix_before_any_collective(tmp_path, corpus, fault, message, record_property):
     data, prefix = _broken_copy(tmp_path, corpus, fault)
     rebuild = r"python -m megalite\.data\.preprocess --input FILES --tokenizer-model \S+ --output-prefix "
@@ -108,8 +135,15 @@ def test_bad_data_fails_naming_file_and_fix_before_any_collective(tmp_path, corp
 def test_too_few_ranks_prints_the_torchrun_command_that_works():
     flags = ["--context-parallel-size", "2", "--tensor-parallel-size", "2", "--seq-length", "64"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    proc = subprocess.run([sys.executable, "pretrain.py", *flags], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [sys.executable, "pretrain.py", *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "world size 1 is not divisible by tensor-parallel-size 2 x context-parallel-size 2" in proc.stderr
     assert "\n  on one node run: torchrun --nproc-per-node 4 pretrain.py " + " ".join(flags) + "\n" in proc.stderr

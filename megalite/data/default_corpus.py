@@ -23,7 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .preprocess import write_dataset
 from .tokenizer import Tokenizer, train_tokenizer
@@ -60,14 +60,20 @@ def stdlib_sources(max_bytes: int) -> list[str]:
         chosen.append(path)
         total += len(data)
     if not chosen:
-        raise RuntimeError(f"no Python standard library sources of at most {max_bytes} bytes found under {root}; "
-                           f"pass --data-path and --tokenizer-model instead")
+        raise RuntimeError(
+            f"no Python standard library sources of at most {max_bytes} bytes found under {root}; "
+            f"pass --data-path and --tokenizer-model instead"
+        )
     return chosen
 
 
-def ensure_default_corpus(cache_dir: str | None = None, log: Callable[[str], None] = print, *,
-                          max_bytes: int = DEFAULT_MAX_BYTES,
-                          vocab_size: int = DEFAULT_VOCAB_SIZE) -> tuple[str, str]:
+def ensure_default_corpus(
+    cache_dir: str | None = None,
+    log: Callable[[str], None] = print,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+) -> tuple[str, str]:
     """Build the default corpus unless cached; returns (data prefix, tokenizer .model path)."""
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     params = {"max_bytes": max_bytes, "vocab_size": vocab_size}
@@ -92,8 +98,13 @@ def _build(cache_dir: str, params: dict, log: Callable[[str], None]) -> None:
     try:
         model = train_tokenizer(files, os.path.join(tmp, "tokenizer"), params["vocab_size"])
         docs, tokens = write_dataset((_read(p) for p in files), Tokenizer(model), os.path.join(tmp, "corpus"))
-        manifest = {**params, "documents": docs, "tokens": tokens, "source": sysconfig.get_paths()["stdlib"],
-                    "python": sys.version.split()[0]}
+        manifest = {
+            **params,
+            "documents": docs,
+            "tokens": tokens,
+            "source": sysconfig.get_paths()["stdlib"],
+            "python": sys.version.split()[0],
+        }
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         try:
@@ -106,8 +117,10 @@ def _build(cache_dir: str, params: dict, log: Callable[[str], None]) -> None:
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    log(f"default corpus: {docs} documents, {tokens} tokens, vocab {params['vocab_size']}, "
-        f"built in {time.perf_counter() - start:.1f}s")
+    log(
+        f"default corpus: {docs} documents, {tokens} tokens, vocab {params['vocab_size']}, "
+        f"built in {time.perf_counter() - start:.1f}s"
+    )
 
 
 def _read(path: str) -> str:
@@ -120,12 +133,16 @@ def _check(cache_dir: str, params: dict) -> tuple[str, str]:
     prefix, model = os.path.join(cache_dir, "corpus"), os.path.join(cache_dir, "tokenizer.model")
     missing = [p for p in (manifest_path, model, prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
-        raise RuntimeError(f"default corpus cache {cache_dir} is incomplete ({missing[0]} missing); "
-                           f"delete the directory and it is rebuilt on the next run")
+        raise RuntimeError(
+            f"default corpus cache {cache_dir} is incomplete ({missing[0]} missing); "
+            f"delete the directory and it is rebuilt on the next run"
+        )
     with open(manifest_path) as f:
         manifest = json.load(f)
     built = {k: manifest.get(k) for k in params}
     if built != params:
-        raise RuntimeError(f"default corpus cache {cache_dir} was built with {built}, this run asks for {params}; "
-                           f"delete the directory or pass another cache directory ($MEGALITE_CACHE)")
+        raise RuntimeError(
+            f"default corpus cache {cache_dir} was built with {built}, this run asks for {params}; "
+            f"delete the directory or pass another cache directory ($MEGALITE_CACHE)"
+        )
     return prefix, model

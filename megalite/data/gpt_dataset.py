@@ -33,8 +33,10 @@ def parse_split(split: str) -> list[float]:
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--split {split!r} must be 1-3 non-negative comma-separated weights "
-                         f"for train,valid,test with a positive sum, e.g. 969,30,1")
+        raise ValueError(
+            f"--split {split!r} must be 1-3 non-negative comma-separated weights "
+            f"for train,valid,test with a positive sum, e.g. 969,30,1"
+        )
     return weights + [0.0] * (3 - len(weights))
 
 
@@ -48,8 +50,17 @@ def split_bounds(num_docs: int, split: str) -> list[tuple[int, int]]:
 class GPTDataset(torch.utils.data.Dataset):
     """Samples from documents ``doc_ids`` of ``indexed``; ``len()`` is one epoch's worth of samples."""
 
-    def __init__(self, indexed: IndexedDataset, doc_ids: np.ndarray, seq_length: int, seed: int,
-                 eod: int, *, name: str = "dataset", shuffle: bool = True):
+    def __init__(
+        self,
+        indexed: IndexedDataset,
+        doc_ids: np.ndarray,
+        seq_length: int,
+        seed: int,
+        eod: int,
+        *,
+        name: str = "dataset",
+        shuffle: bool = True,
+    ):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1 (got {seq_length})")
         if seed < 0:
@@ -61,13 +72,18 @@ class GPTDataset(torch.utils.data.Dataset):
         # start-up does not fault in one page per document of a huge corpus on every rank.
         probe = np.unique(np.linspace(0, len(sizes) - 1, min(len(sizes), 4096)).astype(np.int64))
         ends = indexed.offsets[self.doc_ids[probe]] + sizes[probe] - 1
-        bad = np.concatenate([np.flatnonzero(sizes == 0),
-                              probe[indexed.tokens[np.maximum(ends, 0)] != eod]]) if len(sizes) else probe
+        bad = (
+            np.concatenate([np.flatnonzero(sizes == 0), probe[indexed.tokens[np.maximum(ends, 0)] != eod]])
+            if len(sizes)
+            else probe
+        )
         if bad.size:
-            raise DatasetFormatError(f"document {self.doc_ids[bad[0]]} of {indexed.prefix}.bin does not end with "
-                                     f"the EOD id {eod} (or is empty): the data was preprocessed with another tokenizer, "
-                                     f"or without EOD; pass the --tokenizer-model used by preprocess, or "
-                                     f"{rebuild_hint(indexed.prefix)}")
+            raise DatasetFormatError(
+                f"document {self.doc_ids[bad[0]]} of {indexed.prefix}.bin does not end with "
+                f"the EOD id {eod} (or is empty): the data was preprocessed with another tokenizer, "
+                f"or without EOD; pass the --tokenizer-model used by preprocess, or "
+                f"{rebuild_hint(indexed.prefix)}"
+            )
         self.num_tokens = int(sizes.sum(dtype=np.int64))
         self.samples_per_epoch = max(1, self.num_tokens // seq_length) if self.num_tokens else 0
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -82,8 +98,10 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def check_nonempty(self) -> None:
         if not self.num_documents:
-            raise ValueError(f"{self.name} has no documents; give the split a larger weight in --split "
-                             f"or use a dataset with more documents")
+            raise ValueError(
+                f"{self.name} has no documents; give the split a larger weight in --split "
+                f"or use a dataset with more documents"
+            )
 
     def _rng(self, kind: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, kind, index])
@@ -134,13 +152,17 @@ class GPTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         w = torch.from_numpy(self.window(i))
         s = self.seq_length
-        return {"tokens": w[:-1].clone(), "labels": w[1:].clone(),
-                "loss_mask": torch.ones(s, dtype=torch.float32),
-                "position_ids": torch.arange(s, dtype=torch.int64)}
+        return {
+            "tokens": w[:-1].clone(),
+            "labels": w[1:].clone(),
+            "loss_mask": torch.ones(s, dtype=torch.float32),
+            "position_ids": torch.arange(s, dtype=torch.int64),
+        }
 
 
-def build_datasets(data_path: str, split: str, seq_length: int, seed: int, tokenizer_eod: int, *,
-                   tokenizer=None, shuffle: bool = True):
+def build_datasets(
+    data_path: str, split: str, seq_length: int, seed: int, tokenizer_eod: int, *, tokenizer=None, shuffle: bool = True
+):
     """(train, valid, test) GPTDatasets over ``data_path`` (the PREFIX of PREFIX.bin/.idx); given the
     ``tokenizer``, data written by another one is refused."""
     indexed = IndexedDataset(data_path)
@@ -149,6 +171,7 @@ def build_datasets(data_path: str, split: str, seq_length: int, seed: int, token
     out = []
     for name, (start, end) in zip(("train", "valid", "test"), split_bounds(len(indexed), split)):
         desc = f"the {name} split of {data_path} ({end - start} of {len(indexed)} documents, --split {split})"
-        out.append(GPTDataset(indexed, np.arange(start, end), seq_length, seed, tokenizer_eod,
-                              name=desc, shuffle=shuffle))
+        out.append(
+            GPTDataset(indexed, np.arange(start, end), seq_length, seed, tokenizer_eod, name=desc, shuffle=shuffle)
+        )
     return tuple(out)

@@ -35,8 +35,10 @@ _UNKNOWN = bytes(16)
 
 
 def rebuild_hint(prefix: str, tokenizer_model: str = "TOKENIZER.model") -> str:
-    return (f"rebuild it with: python -m megalite.data.preprocess --input FILES --tokenizer-model "
-            f"{tokenizer_model} --output-prefix {prefix}")
+    return (
+        f"rebuild it with: python -m megalite.data.preprocess --input FILES --tokenizer-model "
+        f"{tokenizer_model} --output-prefix {prefix}"
+    )
 
 
 class DatasetFormatError(ValueError):
@@ -73,8 +75,10 @@ class IndexedDatasetBuilder:
     def add_document(self, ids) -> None:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise ValueError(f"document {len(self._sizes)} has token ids outside [0, {self.vocab_size}): "
-                             f"min {arr.min()}, max {arr.max()}; is vocab_size the tokenizer's?")
+            raise ValueError(
+                f"document {len(self._sizes)} has token ids outside [0, {self.vocab_size}): "
+                f"min {arr.min()}, max {arr.max()}; is vocab_size the tokenizer's?"
+            )
         if arr.size > np.iinfo(np.int32).max:
             raise ValueError(f"document {len(self._sizes)} has {arr.size} tokens; split it (max 2**31-1)")
         arr.astype(self.dtype).tofile(self._bin)
@@ -90,8 +94,11 @@ class IndexedDatasetBuilder:
         np.cumsum(sizes[:-1], out=offsets[1:])
         code = 1 if self.dtype == _DTYPES[1] else 2
         with open(self.prefix + ".idx" + self._tmp, "wb") as f:
-            f.write(HEADERS[VERSION].pack(MAGIC, VERSION, code, self.vocab_size, len(sizes),
-                                          int(sizes.sum(dtype=np.int64)), self.fingerprint))
+            f.write(
+                HEADERS[VERSION].pack(
+                    MAGIC, VERSION, code, self.vocab_size, len(sizes), int(sizes.sum(dtype=np.int64)), self.fingerprint
+                )
+            )
             f.write(offsets.tobytes())
             f.write(sizes.tobytes())
         os.replace(self.prefix + ".bin" + self._tmp, self.prefix + ".bin")
@@ -121,12 +128,17 @@ class IndexedDataset:
         rebuild = rebuild_hint(prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
-                raise DatasetFormatError(f"dataset file {path} is missing; --data-path takes the prefix "
-                                         f"without .bin/.idx, or {rebuild}")
+                raise DatasetFormatError(
+                    f"dataset file {path} is missing; --data-path takes the prefix without .bin/.idx, or {rebuild}"
+                )
         with open(idx_path, "rb") as f:
             head = f.read(max(h.size for h in HEADERS.values()))
+
         def truncated(need: int) -> DatasetFormatError:
-            return DatasetFormatError(f"{idx_path} is truncated ({len(head)} bytes, its header needs {need}); {rebuild}")
+            return DatasetFormatError(
+                f"{idx_path} is truncated ({len(head)} bytes, its header needs {need}); {rebuild}"
+            )
+
         if len(head) < 16:
             raise truncated(HEADERS[VERSION].size)
         magic, version = struct.unpack_from("<8sQ", head)
@@ -134,8 +146,10 @@ class IndexedDataset:
             raise DatasetFormatError(f"{idx_path} is not a megalite index (magic {magic!r}); {rebuild}")
         header = HEADERS.get(version)
         if header is None:
-            raise DatasetFormatError(f"{idx_path} has format version {version}, this megalite reads "
-                                     f"{' or '.join(map(str, HEADERS))}; {rebuild}")
+            raise DatasetFormatError(
+                f"{idx_path} has format version {version}, this megalite reads "
+                f"{' or '.join(map(str, HEADERS))}; {rebuild}"
+            )
         if len(head) < header.size:
             raise truncated(header.size)
         _, _, code, self.vocab_size, n, total, *fingerprint = header.unpack_from(head)
@@ -144,26 +158,37 @@ class IndexedDataset:
         if code not in _DTYPES:
             raise DatasetFormatError(f"{idx_path} has unknown token dtype code {code}; {rebuild}")
         if n == 0 or total == 0:
-            raise DatasetFormatError(f"dataset {prefix} is empty ({n} documents, {total} tokens); "
-                                     f"preprocess non-empty input")
+            raise DatasetFormatError(
+                f"dataset {prefix} is empty ({n} documents, {total} tokens); preprocess non-empty input"
+            )
         self.dtype = _DTYPES[code]
         expect = header.size + n * 12
         if os.path.getsize(idx_path) != expect:
-            raise DatasetFormatError(f"{idx_path} is {os.path.getsize(idx_path)} bytes, its header implies "
-                                     f"{expect}: truncated or corrupt; {rebuild}")
+            raise DatasetFormatError(
+                f"{idx_path} is {os.path.getsize(idx_path)} bytes, its header implies "
+                f"{expect}: truncated or corrupt; {rebuild}"
+            )
         expect = total * self.dtype.itemsize
         if os.path.getsize(bin_path) != expect:
-            raise DatasetFormatError(f"{bin_path} is {os.path.getsize(bin_path)} bytes but {idx_path} describes "
-                                     f"{total} {self.dtype.name} tokens ({expect} bytes): truncated or from another "
-                                     f"build; {rebuild}")
+            raise DatasetFormatError(
+                f"{bin_path} is {os.path.getsize(bin_path)} bytes but {idx_path} describes "
+                f"{total} {self.dtype.name} tokens ({expect} bytes): truncated or from another "
+                f"build; {rebuild}"
+            )
         idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        self.offsets = idx[header.size:header.size + 8 * n].view(np.int64)
-        self.sizes = idx[header.size + 8 * n:].view(np.int32)
+        self.offsets = idx[header.size : header.size + 8 * n].view(np.int64)
+        self.sizes = idx[header.size + 8 * n :].view(np.int32)
         ends = np.cumsum(self.sizes, dtype=np.int64)
-        if (self.sizes < 0).any() or ends[-1] != total or self.offsets[0] != 0 \
-                or not np.array_equal(self.offsets[1:], ends[:-1]):
-            raise DatasetFormatError(f"{idx_path} has document offsets/sizes that do not tile the {total} tokens "
-                                     f"of {bin_path} (out-of-range or overlapping); {rebuild}")
+        if (
+            (self.sizes < 0).any()
+            or ends[-1] != total
+            or self.offsets[0] != 0
+            or not np.array_equal(self.offsets[1:], ends[:-1])
+        ):
+            raise DatasetFormatError(
+                f"{idx_path} has document offsets/sizes that do not tile the {total} tokens "
+                f"of {bin_path} (out-of-range or overlapping); {rebuild}"
+            )
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r")
         self.num_tokens = int(total)
 
@@ -182,18 +207,22 @@ class IndexedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"document {i} out of range for {len(self)} documents in {self.prefix}")
         start = int(self.offsets[i])
-        return self.tokens[start:start + int(self.sizes[i])]
+        return self.tokens[start : start + int(self.sizes[i])]
 
 
 def check_tokenizer(ds: IndexedDataset, tokenizer) -> None:
     """Refuse a dataset written by another tokenizer than ``tokenizer`` (a data.tokenizer.Tokenizer)."""
     rebuild = rebuild_hint(ds.prefix, tokenizer.model_path)
     if ds.vocab_size != tokenizer.vocab_size:
-        raise DatasetFormatError(f"{ds.prefix}.idx was written with a vocabulary of {ds.vocab_size} but the tokenizer "
-                                 f"has {tokenizer.vocab_size} ({tokenizer.model_path}): the data was built with "
-                                 f"another tokenizer; pass the --tokenizer-model used by preprocess, or {rebuild}")
+        raise DatasetFormatError(
+            f"{ds.prefix}.idx was written with a vocabulary of {ds.vocab_size} but the tokenizer "
+            f"has {tokenizer.vocab_size} ({tokenizer.model_path}): the data was built with "
+            f"another tokenizer; pass the --tokenizer-model used by preprocess, or {rebuild}"
+        )
     if ds.tokenizer_fingerprint and tokenizer.fingerprint and ds.tokenizer_fingerprint != tokenizer.fingerprint:
-        raise DatasetFormatError(f"{ds.prefix}.idx was written by another tokenizer than {tokenizer.model_path} "
-                                 f"(fingerprint {ds.tokenizer_fingerprint.hex()}, this one "
-                                 f"{tokenizer.fingerprint.hex()}); pass the --tokenizer-model used by "
-                                 f"preprocess, or {rebuild}")
+        raise DatasetFormatError(
+            f"{ds.prefix}.idx was written by another tokenizer than {tokenizer.model_path} "
+            f"(fingerprint {ds.tokenizer_fingerprint.hex()}, this one "
+            f"{tokenizer.fingerprint.hex()}); pass the --tokenizer-model used by "
+            f"preprocess, or {rebuild}"
+        )

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .indexed import IndexedDatasetBuilder
 from .tokenizer import Tokenizer
@@ -27,8 +27,7 @@ _BATCH = 256  # documents per native encode call
 _EXTS = (".txt", ".jsonl", ".json")
 
 
-def iter_documents(path: str, *, json_keys: Sequence[str] = ("text",),
-                   split_paragraphs: bool = False) -> Iterator[str]:
+def iter_documents(path: str, *, json_keys: Sequence[str] = ("text",), split_paragraphs: bool = False) -> Iterator[str]:
     """Yield the documents of one input file (see the module docstring for the rules)."""
     try:
         yield from _documents(path, os.path.splitext(path)[1].lower(), json_keys, split_paragraphs)
@@ -68,9 +67,15 @@ def _field(record, key: str, path: str, line_no: int) -> str:
     return record[key]
 
 
-def preprocess(input_files: Sequence[str], tokenizer_model: str, output_prefix: str, *,
-               json_keys: Sequence[str] = ("text",), split_paragraphs: bool = False,
-               log: Callable[[str], None] = print) -> dict:
+def preprocess(
+    input_files: Sequence[str],
+    tokenizer_model: str,
+    output_prefix: str,
+    *,
+    json_keys: Sequence[str] = ("text",),
+    split_paragraphs: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Tokenize ``input_files`` into ``output_prefix``.bin/.idx; returns counts for logging."""
     if not input_files:
         raise ValueError("preprocess needs at least one input file (--input FILE ...)")
@@ -81,13 +86,18 @@ def preprocess(input_files: Sequence[str], tokenizer_model: str, output_prefix: 
             raise ValueError(f"input {path} has unsupported extension; use .txt, .jsonl or .json (JSON lines)")
     tok = Tokenizer(tokenizer_model)
     start = time.perf_counter()
-    texts = (t for path in input_files
-             for t in iter_documents(path, json_keys=json_keys, split_paragraphs=split_paragraphs))
+    texts = (
+        t for path in input_files for t in iter_documents(path, json_keys=json_keys, split_paragraphs=split_paragraphs)
+    )
     docs, tokens = write_dataset(texts, tok, output_prefix)
-    stats = {"documents": docs, "tokens": tokens, "seconds": time.perf_counter() - start,
-             "bin": output_prefix + ".bin", "idx": output_prefix + ".idx"}
-    log(f"wrote {stats['bin']} and .idx: {docs} documents, {tokens} tokens (EOD included) "
-        f"in {stats['seconds']:.1f}s")
+    stats = {
+        "documents": docs,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start,
+        "bin": output_prefix + ".bin",
+        "idx": output_prefix + ".idx",
+    }
+    log(f"wrote {stats['bin']} and .idx: {docs} documents, {tokens} tokens (EOD included) in {stats['seconds']:.1f}s")
     return stats
 
 
@@ -106,17 +116,27 @@ def write_dataset(texts: Iterable[str], tok: Tokenizer, output_prefix: str) -> t
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megalite.data.preprocess",
-                                description="Tokenize .txt/.jsonl files into a megalite .bin/.idx dataset.")
+    p = argparse.ArgumentParser(
+        prog="python -m megalite.data.preprocess",
+        description="Tokenize .txt/.jsonl files into a megalite .bin/.idx dataset.",
+    )
     p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .json (JSON lines) files")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON field(s) holding the text")
-    p.add_argument("--split-paragraphs", action="store_true",
-                   help=".txt: one document per blank-line-separated paragraph instead of per file")
+    p.add_argument(
+        "--split-paragraphs",
+        action="store_true",
+        help=".txt: one document per blank-line-separated paragraph instead of per file",
+    )
     args = p.parse_args(argv)
-    preprocess(args.input, args.tokenizer_model, args.output_prefix,
-               json_keys=args.json_keys, split_paragraphs=args.split_paragraphs)
+    preprocess(
+        args.input,
+        args.tokenizer_model,
+        args.output_prefix,
+        json_keys=args.json_keys,
+        split_paragraphs=args.split_paragraphs,
+    )
     return 0
 
 

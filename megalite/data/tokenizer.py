@@ -17,7 +17,7 @@ import hashlib
 import os
 import sys
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -29,7 +29,8 @@ class Tokenizer:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model {model_path!r} not found; pass --tokenizer-model PATH.model "
-                f"or train one with: python -m megalite.data.tokenizer --input FILES --model-prefix PREFIX")
+                f"or train one with: python -m megalite.data.tokenizer --input FILES --model-prefix PREFIX"
+            )
         self.model_path = model_path
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = self._sp.get_piece_size()
@@ -39,7 +40,8 @@ class Tokenizer:
         if self.eod < 0:
             raise ValueError(
                 f"tokenizer model {model_path!r} has no end-of-sentence piece (eos_id=-1), which marks "
-                f"document ends; retrain it with megalite.data.tokenizer (eos id 2)")
+                f"document ends; retrain it with megalite.data.tokenizer (eos id 2)"
+            )
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -52,9 +54,17 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-def train_tokenizer(input_files: Sequence[str], model_prefix: str, vocab_size: int, *,
-                    model_type: str = "bpe", character_coverage: float = 0.9995,
-                    input_sentence_size: int = 0, num_threads: int = 2, quiet: bool = True) -> str:
+def train_tokenizer(
+    input_files: Sequence[str],
+    model_prefix: str,
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 0,
+    num_threads: int = 2,
+    quiet: bool = True,
+) -> str:
     """Train a SentencePiece model on text files (one sentence per line); returns ``PREFIX.model``.
 
     ``input_sentence_size`` > 0 samples that many lines (for very large inputs); 0 uses all.
@@ -69,32 +79,58 @@ def train_tokenizer(input_files: Sequence[str], model_prefix: str, vocab_size: i
     if parent:
         os.makedirs(parent, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        input=list(input_files), model_prefix=model_prefix, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage,
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=input_sentence_size > 0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
-        user_defined_symbols=["\n", "\t"], unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        num_threads=num_threads, minloglevel=2 if quiet else 0)
+        input=list(input_files),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=input_sentence_size > 0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        byte_fallback=True,
+        user_defined_symbols=["\n", "\t"],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        num_threads=num_threads,
+        minloglevel=2 if quiet else 0,
+    )
     return model_prefix + ".model"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megalite.data.tokenizer",
-                                description="Train a SentencePiece BPE tokenizer that round-trips code exactly.")
+    p = argparse.ArgumentParser(
+        prog="python -m megalite.data.tokenizer",
+        description="Train a SentencePiece BPE tokenizer that round-trips code exactly.",
+    )
     p.add_argument("--input", nargs="+", required=True, help="text files, one sentence per line")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    p.add_argument("--character-coverage", type=float, default=0.9995,
-                   help="share of characters given their own piece; the rest use byte fallback")
+    p.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters given their own piece; the rest use byte fallback",
+    )
     p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many lines (0: all)")
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
     start = time.perf_counter()
-    path = train_tokenizer(args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
-                           character_coverage=args.character_coverage,
-                           input_sentence_size=args.input_sentence_size, num_threads=args.num_threads)
+    path = train_tokenizer(
+        args.input,
+        args.model_prefix,
+        args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        input_sentence_size=args.input_sentence_size,
+        num_threads=args.num_threads,
+    )
     tok = Tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, eod id {tok.eod}) in {time.perf_counter() - start:.1f}s")
     return 0

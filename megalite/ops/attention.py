@@ -21,6 +21,7 @@ Block backends:
   math        plain einsum reference in fp32/fp64 (tests; fp32 on CUDA). Materialises Sq x Sk.
 The aten ops used here exist with these signatures in torch 2.4 through 2.13.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,8 +49,10 @@ def _check(q, k, causal):
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
     if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal block attention needs Sq == Sk (got {q.shape[1]} and {k.shape[1]}); "
-                         "split the block into a causal square and a full rectangle")
+        raise ValueError(
+            f"causal block attention needs Sq == Sk (got {q.shape[1]} and {k.shape[1]}); "
+            "split the block into a causal square and a full rectangle"
+        )
 
 
 def _bhsd(*ts):
@@ -60,6 +63,7 @@ def _bhsd(*ts):
 class MathBackend:
     """Reference: scores materialised in fp32 (fp64 for fp64 inputs); autocast is switched off
     inside, or it would run the einsums in bf16."""
+
     name = "math"
 
     @staticmethod
@@ -106,7 +110,7 @@ class MathBackend:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_kernel_has_gqa() -> bool:
     """Whether torch's CPU flash kernel reads kv head h // (H/G) itself (added around torch 2.9;
     older kernels index kv heads by the query head). Probed once on a tiny input."""
@@ -117,13 +121,16 @@ def cpu_kernel_has_gqa() -> bool:
         out, _ = aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, False)
     except RuntimeError:
         return False
-    want, _ = aten._scaled_dot_product_flash_attention_for_cpu(q, kv.expand(1, 2, 4, 8), kv.expand(1, 2, 4, 8), 0.0, False)
+    want, _ = aten._scaled_dot_product_flash_attention_for_cpu(
+        q, kv.expand(1, 2, 4, 8), kv.expand(1, 2, 4, 8), 0.0, False
+    )
     return torch.allclose(out, want)
 
 
 class TorchCPUBackend:
     """torch's CPU flash kernel, layout (B, H, S, D). Kernels without GQA get K/V repeated to H
     heads here, per block and locally (never on the wire), and dK/dV summed back per group."""
+
     name = "torch_cpu"
 
     def __init__(self, native_gqa: bool | None = None):
@@ -142,8 +149,12 @@ class TorchCPUBackend:
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         b, sk, g, d = k.shape
         ke, ve = self._kv(q, k, v)
-        dq, dk, dv = (t.transpose(1, 2) for t in aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *_bhsd(dout, q, ke, ve, out), lse, 0.0, causal, scale=scale))
+        dq, dk, dv = (
+            t.transpose(1, 2)
+            for t in aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                *_bhsd(dout, q, ke, ve, out), lse, 0.0, causal, scale=scale
+            )
+        )
         if dk.shape[2] != g:  # sum the repeated heads back onto their kv head
             dk, dv = (t.reshape(b, sk, g, -1, d).sum(3) for t in (dk, dv))
         return dq, dk, dv
@@ -152,6 +163,7 @@ class TorchCPUBackend:
 class TorchCUDABackend:
     """torch's bundled flash kernel (fp16/bf16), layout (B, H, S, D). With dropout 0 the kernel
     ignores the RNG state and the cumulative-length tensors (dense batch), so none is kept."""
+
     name = "torch_cuda"
 
     def forward(self, q, k, v, causal, scale):
@@ -163,7 +175,8 @@ class TorchCUDABackend:
         rng = torch.empty(0, device=q.device)
         sq, sk = q.shape[1], k.shape[1]
         grads = aten._scaled_dot_product_flash_attention_backward(
-            *_bhsd(dout, q, k, v, out), lse, None, None, sq, sk, 0.0, causal, rng, rng, scale=scale)
+            *_bhsd(dout, q, k, v, out), lse, None, None, sq, sk, 0.0, causal, rng, rng, scale=scale
+        )
         return tuple(t.transpose(1, 2) for t in grads)
 
 
@@ -171,15 +184,18 @@ class FlashAttnBackend:
     """The flash-attn package (CUDA, fp16/bf16), layout (B, S, H, D) natively.
     Its private backward changed signature across 2.x releases, so keyword arguments are
     matched against the installed one."""
+
     name = "flash_attn"
 
     def __init__(self):
         from flash_attn import flash_attn_func
         from flash_attn.flash_attn_interface import _flash_attn_backward
+
         self._fwd, self._bwd = flash_attn_func, _flash_attn_backward
         params = inspect.signature(_flash_attn_backward).parameters
-        window = {"window_size": (-1, -1)} if "window_size" in params else {
-            "window_size_left": -1, "window_size_right": -1}
+        window = (
+            {"window_size": (-1, -1)} if "window_size" in params else {"window_size_left": -1, "window_size_right": -1}
+        )
         extra = {"softcap": 0.0, "alibi_slopes": None, "deterministic": False, "rng_state": None, **window}
         self._bwd_kwargs = {n: val for n, val in extra.items() if n in params}
 
@@ -190,23 +206,46 @@ class FlashAttnBackend:
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        self._bwd(dout.contiguous(), q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale,
-                  causal=causal, **self._bwd_kwargs)
+        self._bwd(
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dq,
+            dk,
+            dv,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=causal,
+            **self._bwd_kwargs,
+        )
         return dq, dk, dv
 
 
-_BACKENDS = {"math": MathBackend, "torch_cpu": TorchCPUBackend, "torch_cuda": TorchCUDABackend,
-             "flash_attn": FlashAttnBackend}
+_BACKENDS = {
+    "math": MathBackend,
+    "torch_cpu": TorchCPUBackend,
+    "torch_cuda": TorchCUDABackend,
+    "flash_attn": FlashAttnBackend,
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_available() -> bool:
     """The one probe for the optional flash-attn package (tests replace it to cover both answers)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, *,
-                   require_flash_attn: bool = False, need_lse: bool = True) -> str:
+def choose_backend(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    require_flash_attn: bool = False,
+    need_lse: bool = True,
+) -> str:
     """The one decision of which kernel computes attention.
 
     ``require_flash_attn`` (--use-flash-attn): always flash-attn; config validation has already
@@ -230,8 +269,7 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int
     return "torch_cuda" if fused_kernel_fits(dtype, head_dim) else "math"
 
 
-def get_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                head_dim: int = 64):
+def get_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, head_dim: int = 64):
     """A block backend by name; "auto" asks ``choose_backend``."""
     device = torch.device(device)
     half = dtype in HALF
@@ -240,8 +278,10 @@ def get_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtyp
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose auto or one of {sorted(_BACKENDS)}")
     if name == "flash_attn" and not flash_attn_available():
-        raise RuntimeError("attention backend flash_attn requested but flash-attn is not installed; "
-                           "pip install flash-attn, or use the torch kernels (--use-flash-attn off)")
+        raise RuntimeError(
+            "attention backend flash_attn requested but flash-attn is not installed; "
+            "pip install flash-attn, or use the torch kernels (--use-flash-attn off)"
+        )
     if name in ("flash_attn", "torch_cuda") and (device.type != "cuda" or not half):
         raise ValueError(f"attention backend {name} needs CUDA fp16/bf16 tensors (got {device.type} {dtype})")
     return _BACKENDS[name]()
@@ -274,11 +314,15 @@ def block_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
 def causal_attention(q, k, v, *, dropout_p: float = 0.0, require_flash_attn: bool = False):
     """Causal attention over a whole (local) sequence, the model's core attention:
     q (B, S, H, D), k/v (B, S, G, D) with H % G == 0 -> (B, S, H, D)."""
-    if choose_backend(q.device, q.dtype, q.shape[-1], require_flash_attn=require_flash_attn,
-                      need_lse=False) == "flash_attn":
+    if (
+        choose_backend(q.device, q.dtype, q.shape[-1], require_flash_attn=require_flash_attn, need_lse=False)
+        == "flash_attn"
+    ):
         from flash_attn import flash_attn_func  # (B, S, H, D) layout and GQA, as here
+
         return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
     q, k, v = _bhsd(q, k, v)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                         enable_gqa=k.shape[1] != q.shape[1])
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
     return out.transpose(1, 2)

@@ -10,6 +10,7 @@ Kernels (``impl``, the --norm-impl flag):
 - ``auto``: Triton for CUDA inputs when triton imports and the hidden size fits, torch otherwise.
   Chosen per call from the input's device, since models are built on CPU and moved later.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,7 @@ KINDS = ("LayerNorm", "RMSNorm")
 IMPLS = ("auto", "triton", "apex", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_norm(required: bool):
     """The megalite.ops.triton_norm module; None (or an error when ``required``) without triton."""
     try:
@@ -32,8 +33,9 @@ def _triton_norm(required: bool):
         if (e.name or "").split(".")[0] != "triton":
             raise
         if required:
-            raise RuntimeError("--norm-impl triton needs the triton package: pip install triton "
-                               "(or pip install 'megalite[triton]')") from e
+            raise RuntimeError(
+                "--norm-impl triton needs the triton package: pip install triton (or pip install 'megalite[triton]')"
+            ) from e
         return None
 
 
@@ -42,9 +44,11 @@ def _apex_norm(kind: str):
     try:
         mod = importlib.import_module("apex.normalization.fused_layer_norm")
     except ImportError as e:
-        raise RuntimeError("--norm-impl apex needs NVIDIA apex built with its CUDA extensions "
-                           "(https://github.com/NVIDIA/apex; the PyPI package 'apex' is unrelated); "
-                           "use --norm-impl auto or triton instead") from e
+        raise RuntimeError(
+            "--norm-impl apex needs NVIDIA apex built with its CUDA extensions "
+            "(https://github.com/NVIDIA/apex; the PyPI package 'apex' is unrelated); "
+            "use --norm-impl auto or triton instead"
+        ) from e
     name = "fused_layer_norm_affine" if kind == "LayerNorm" else "fused_rms_norm_affine"
     if not hasattr(mod, name):
         raise RuntimeError(f"this apex build has no {name}; upgrade apex or use --norm-impl triton")
@@ -62,8 +66,7 @@ def _backend(impl: str, x: torch.Tensor):
     return None
 
 
-def fused_norm(x, weight, bias=None, eps: float = 1e-5, residual=None, *, kind: str = "LayerNorm",
-               impl: str = "auto"):
+def fused_norm(x, weight, bias=None, eps: float = 1e-5, residual=None, *, kind: str = "LayerNorm", impl: str = "auto"):
     """norm(x) over the last dim, or (norm(x + residual), x + residual) with a residual.
     ``bias`` is LayerNorm's shift (None for RMSNorm); ``impl`` as --norm-impl."""
     tn = _backend(impl, x)

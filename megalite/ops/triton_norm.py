@@ -22,6 +22,7 @@ sums them over the TP group (apply_tp's gradient hooks do).
 On a machine without a GPU the kernels only run in Triton's interpreter, which must be switched
 on with TRITON_INTERPRET=1 before triton is first imported (tests do this).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,17 +34,22 @@ MAX_HIDDEN = 65536  # one row per program, held in registers
 
 
 @triton.jit
-def _norm_fwd(x_ptr,  # [M, N] input
-              res_ptr,  # [M, N] residual (only read when HAS_RESIDUAL)
-              w_ptr,  # [N] weight
-              b_ptr,  # [N] bias (only read when HAS_BIAS)
-              y_ptr,  # [M, N] normalized output
-              sum_ptr,  # [M, N] x + residual output (only written when HAS_RESIDUAL)
-              mean_ptr,  # [M] fp32 row mean (LayerNorm only)
-              rstd_ptr,  # [M] fp32 row 1/std
-              N, eps,
-              IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _norm_fwd(
+    x_ptr,  # [M, N] input
+    res_ptr,  # [M, N] residual (only read when HAS_RESIDUAL)
+    w_ptr,  # [N] weight
+    b_ptr,  # [N] bias (only read when HAS_BIAS)
+    y_ptr,  # [M, N] normalized output
+    sum_ptr,  # [M, N] x + residual output (only written when HAS_RESIDUAL)
+    mean_ptr,  # [M] fp32 row mean (LayerNorm only)
+    rstd_ptr,  # [M] fp32 row 1/std
+    N,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -68,18 +74,24 @@ def _norm_fwd(x_ptr,  # [M, N] input
 
 
 @triton.jit
-def _norm_bwd(dy_ptr,  # [M, N] gradient of the normalized output
-              x_ptr,  # [M, N] the normalized input (the sum, with a residual)
-              w_ptr,  # [N] weight
-              mean_ptr,  # [M] fp32 (LayerNorm only)
-              rstd_ptr,  # [M] fp32
-              dsum_ptr,  # [M, N] gradient of the sum output (only read when HAS_DSUM)
-              dx_ptr,  # [M, N] input gradient
-              dw_ptr,  # [programs, N] fp32 per-program partial weight gradient
-              db_ptr,  # [programs, N] fp32 per-program partial bias gradient (only when HAS_BIAS)
-              M, N, rows_per_program,
-              IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DSUM: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _norm_bwd(
+    dy_ptr,  # [M, N] gradient of the normalized output
+    x_ptr,  # [M, N] the normalized input (the sum, with a residual)
+    w_ptr,  # [N] weight
+    mean_ptr,  # [M] fp32 (LayerNorm only)
+    rstd_ptr,  # [M] fp32
+    dsum_ptr,  # [M, N] gradient of the sum output (only read when HAS_DSUM)
+    dx_ptr,  # [M, N] input gradient
+    dw_ptr,  # [programs, N] fp32 per-program partial weight gradient
+    db_ptr,  # [programs, N] fp32 per-program partial bias gradient (only when HAS_BIAS)
+    M,
+    N,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -126,14 +138,18 @@ def _launch_config(n: int) -> tuple[int, int]:
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     n = x.shape[-1]
     if n > MAX_HIDDEN:
-        raise ValueError(f"Triton norm kernels support hidden sizes up to {MAX_HIDDEN}, got {n}; "
-                         f"use --norm-impl torch for this model")
+        raise ValueError(
+            f"Triton norm kernels support hidden sizes up to {MAX_HIDDEN}, got {n}; "
+            f"use --norm-impl torch for this model"
+        )
     if weight.shape != (n,):
         raise ValueError(f"norm weight has shape {tuple(weight.shape)} but the input's last dim is {n}")
     if not x.is_cuda and not INTERPRETED:
-        raise RuntimeError(f"the Triton norm kernels need CUDA tensors (got a {x.device.type} tensor); "
-                           f"use --norm-impl torch (or auto) on CPU, or set TRITON_INTERPRET=1 before "
-                           f"triton is imported to run them in Triton's interpreter")
+        raise RuntimeError(
+            f"the Triton norm kernels need CUDA tensors (got a {x.device.type} tensor); "
+            f"use --norm-impl torch (or auto) on CPU, or set TRITON_INTERPRET=1 before "
+            f"triton is imported to run them in Triton's interpreter"
+        )
 
 
 def _num_programs(rows: int, num_warps: int, device: torch.device) -> int:
@@ -167,9 +183,23 @@ class NormFunction(torch.autograd.Function):
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
         block, warps = _launch_config(n)
         if m:
-            _norm_fwd[(m,)](x2, r2, weight, bias if bias is not None else weight, y, s2, mean, rstd, n, eps,
-                            IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_res,
-                            BLOCK_N=block, num_warps=warps)
+            _norm_fwd[(m,)](
+                x2,
+                r2,
+                weight,
+                bias if bias is not None else weight,
+                y,
+                s2,
+                mean,
+                rstd,
+                n,
+                eps,
+                IS_RMS=rms,
+                HAS_BIAS=bias is not None,
+                HAS_RESIDUAL=has_res,
+                BLOCK_N=block,
+                num_warps=warps,
+            )
         ctx.save_for_backward(s2, weight, mean, rstd)
         ctx.shape, ctx.rms, ctx.has_bias, ctx.has_res = shape, rms, bias is not None, has_res
         ctx.block, ctx.warps = block, warps
@@ -193,9 +223,25 @@ class NormFunction(torch.autograd.Function):
         dw = torch.empty(programs, n, device=x2.device, dtype=torch.float32)
         db = torch.empty(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
         if m:
-            _norm_bwd[(programs,)](dy2, x2, weight, mean, rstd, dsum2, dx, dw, db, m, n, triton.cdiv(m, programs),
-                                   IS_RMS=ctx.rms, HAS_BIAS=ctx.has_bias, HAS_DSUM=has_dsum,
-                                   BLOCK_N=ctx.block, num_warps=ctx.warps)
+            _norm_bwd[(programs,)](
+                dy2,
+                x2,
+                weight,
+                mean,
+                rstd,
+                dsum2,
+                dx,
+                dw,
+                db,
+                m,
+                n,
+                triton.cdiv(m, programs),
+                IS_RMS=ctx.rms,
+                HAS_BIAS=ctx.has_bias,
+                HAS_DSUM=has_dsum,
+                BLOCK_N=ctx.block,
+                num_warps=ctx.warps,
+            )
         dweight = dw.sum(0).to(weight.dtype)
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         dx = dx.view(ctx.shape)

@@ -11,6 +11,7 @@ chunk r plus chunk 2*CP-1-r always see 2*CP chunks' worth of keys.
 forward: all-gather K/V / backward: all-gather K/V again (not kept: saves memory),
 reduce-scatter dK/dV in fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,8 +69,9 @@ class _AllGatherAttention(torch.autograd.Function):
         dq = torch.zeros_like(q, dtype=lse.dtype)
         dkv = torch.zeros((2, *kf.shape), dtype=lse.dtype, device=q.device)  # whole sequence, natural order
         for qs, ks, blk_causal, _ in _blocks(rank, cp, q.shape[1] // 2, causal):
-            bq, bk, bv = backend.backward(dout[:, qs], q[:, qs], kf[:, ks], vf[:, ks], out[:, qs],
-                                          lse[:, :, qs].contiguous(), blk_causal, scale)
+            bq, bk, bv = backend.backward(
+                dout[:, qs], q[:, qs], kf[:, ks], vf[:, ks], out[:, qs], lse[:, :, qs].contiguous(), blk_causal, scale
+            )
             dq[:, qs] += bq
             dkv[0][:, ks] += bk
             dkv[1][:, ks] += bv
@@ -80,8 +82,7 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None
 
 
-def all_gather_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,
-                         backend="auto"):
+def all_gather_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
     """Llama 3 style context-parallel attention: all-gather K/V, reduce-scatter dK/dV."""
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
     return _AllGatherAttention.apply(q, k, v, group, causal, scale, backend)

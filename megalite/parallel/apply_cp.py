@@ -6,6 +6,7 @@ position ids), so embeddings, RoPE, norms, MLPs and the loss are per-token and u
 attention needs the other ranks' tokens. Gradients of the (replicated) weights are partial sums
 over this rank's tokens: the training loop sums them over the DP x CP group.
 """
+
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -29,17 +30,21 @@ def validate_cp(model_cfg: ModelConfig, cp: int, comm_type: str, tp: int = 1) ->
     if seq % (2 * cp):
         raise ConfigError(
             f"--seq-length {seq} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp}: "
-            f"zigzag context parallelism cuts each sequence into 2*CP equal chunks; use a multiple of {2 * cp}")
+            f"zigzag context parallelism cuts each sequence into 2*CP equal chunks; use a multiple of {2 * cp}"
+        )
     if model_cfg.attention_dropout:
-        raise ConfigError("--attention-dropout is not supported with context parallelism "
-                          "(the CP attention kernels run without dropout); set --attention-dropout 0")
+        raise ConfigError(
+            "--attention-dropout is not supported with context parallelism "
+            "(the CP attention kernels run without dropout); set --attention-dropout 0"
+        )
     if comm_type == "a2a":
         heads, groups = model_cfg.num_attention_heads // tp, model_cfg.num_kv_heads // tp
         if heads % cp or groups % cp:
             raise ConfigError(
                 f"--cp-comm-type a2a splits attention heads over CP ranks: query heads per TP rank ({heads}) "
                 f"and kv heads per TP rank ({groups}) must both be divisible by --context-parallel-size {cp}; "
-                f"use --cp-comm-type p2p or all_gather, or change the head counts")
+                f"use --cp-comm-type p2p or all_gather, or change the head counts"
+            )
 
 
 class ContextParallelAttention(nn.Module):

@@ -30,6 +30,7 @@ Every weight is a slice of the dense model's weight, so a TP model built from th
 equals the single-rank model. With attention dropout each TP rank's core attention draws from
 its own stream (PerRankDropoutAttention), as Megatron's model-parallel RNG does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,9 +41,16 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from .comm import all_reduce_grad_hook
-from .tensor_parallel import (ColumnParallelLinear, PerRankDropoutAttention, RowParallelLinear,
-                              SequenceScatteredEmbedding, VocabParallelEmbedding, enter_region, split_dim,
-                              vocab_parallel_cross_entropy)
+from .tensor_parallel import (
+    ColumnParallelLinear,
+    PerRankDropoutAttention,
+    RowParallelLinear,
+    SequenceScatteredEmbedding,
+    VocabParallelEmbedding,
+    enter_region,
+    split_dim,
+    vocab_parallel_cross_entropy,
+)
 
 
 def validate_tp(model_cfg: ModelConfig, tp: int, sequence_parallel: bool, cp: int = 1) -> None:
@@ -51,22 +59,25 @@ def validate_tp(model_cfg: ModelConfig, tp: int, sequence_parallel: bool, cp: in
     parallel size: under SP each CP rank's sequence (seq_length / cp) is split over TP."""
     if tp == 1:
         if sequence_parallel:
-            warnings.warn("--sequence-parallel has no effect with --tensor-parallel-size 1; ignoring it",
-                          stacklevel=2)
+            warnings.warn("--sequence-parallel has no effect with --tensor-parallel-size 1; ignoring it", stacklevel=2)
         return
     m = model_cfg
-    checks = [("--num-attention-heads", m.num_attention_heads),
-              ("--num-query-groups" if m.group_query_attention else "--num-attention-heads (query groups)",
-               m.num_kv_heads),
-              ("--ffn-hidden-size", m.ffn_size)]
+    checks = [
+        ("--num-attention-heads", m.num_attention_heads),
+        ("--num-query-groups" if m.group_query_attention else "--num-attention-heads (query groups)", m.num_kv_heads),
+        ("--ffn-hidden-size", m.ffn_size),
+    ]
     for flag, value in checks:
         if value % tp:
-            raise ConfigError(f"{flag} {value} is not divisible by --tensor-parallel-size {tp}; "
-                              f"choose a tensor-parallel size that divides it")
+            raise ConfigError(
+                f"{flag} {value} is not divisible by --tensor-parallel-size {tp}; "
+                f"choose a tensor-parallel size that divides it"
+            )
     if sequence_parallel and m.seq_length % (cp * tp):
         raise ConfigError(
             f"--sequence-parallel splits each rank's sequence (--seq-length {m.seq_length} / CP {cp}) "
-            f"over --tensor-parallel-size {tp}; make --seq-length a multiple of {cp * tp}")
+            f"over --tensor-parallel-size {tp}; make --seq-length a multiple of {cp * tp}"
+        )
 
 
 def _enter_mlp(module, args, *, group, sequence_parallel):

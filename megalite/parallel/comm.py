@@ -18,6 +18,7 @@ all-gather and reduce-scatter send (p-1)/p * N, all-reduce sends 2 (p-1)/p * N (
 reduce-scatter followed by an all-gather), a local split sends nothing. A counter only
 records; it never changes what is computed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,9 +33,9 @@ reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 
 @dataclass(frozen=True)
 class CommRecord:
-    op: str        # "all_reduce" | "all_gather" | "reduce_scatter"
-    phase: str     # "forward" | "backward" | "grad" (a replicated parameter's gradient sum)
-    world: int     # group size
+    op: str  # "all_reduce" | "all_gather" | "reduce_scatter"
+    phase: str  # "forward" | "backward" | "grad" (a replicated parameter's gradient sum)
+    world: int  # group size
     tensor_bytes: int  # N: bytes of the full (unsharded) tensor
     sent_bytes: float  # bytes one rank sends under a ring algorithm
 
@@ -42,9 +43,10 @@ class CommRecord:
 @dataclass
 class CommCounter:
     """Records every collective this module issues while the ``with`` block is active."""
+
     records: list = field(default_factory=list)
 
-    def __enter__(self) -> "CommCounter":
+    def __enter__(self) -> CommCounter:
         _ACTIVE_COUNTERS.append(self)
         return self
 
@@ -52,8 +54,9 @@ class CommCounter:
         _ACTIVE_COUNTERS.remove(self)
 
     def sent_bytes(self, phase: str | None = None, op: str | None = None) -> float:
-        return sum(r.sent_bytes for r in self.records
-                   if (phase is None or r.phase == phase) and (op is None or r.op == op))
+        return sum(
+            r.sent_bytes for r in self.records if (phase is None or r.phase == phase) and (op is None or r.op == op)
+        )
 
 
 # Counters only observe; a plain list (not thread-local) so the backward pass, which runs on
@@ -72,6 +75,7 @@ def _record(op: str, phase: str, world: int, full: torch.Tensor | torch.Size, it
 
 
 # ---- collectives on fresh buffers (no autograd) ----
+
 
 def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM, phase: str = "forward") -> torch.Tensor:
     """Reduce a copy of ``x`` over ``group`` (no autograd); ``x`` itself is left untouched."""
@@ -142,13 +146,16 @@ def _apply(x, group, fwd, bwd, split_dim=None, name=""):
     if p == 1:
         return x
     if split_dim is not None and x.shape[split_dim] % p:  # checked on every rank, before communicating
-        raise ValueError(f"{name}: dim {split_dim} of shape {tuple(x.shape)} is not divisible by the "
-                         f"tensor-parallel size {p}; pad the sequence length (--seq-length) or the "
-                         f"feature size to a multiple of {p}")
+        raise ValueError(
+            f"{name}: dim {split_dim} of shape {tuple(x.shape)} is not divisible by the "
+            f"tensor-parallel size {p}; pad the sequence length (--seq-length) or the "
+            f"feature size to a multiple of {p}"
+        )
     return _Pair.apply(x, group, fwd, bwd)
 
 
 # ---- public API ----
+
 
 def copy_to_region(x: torch.Tensor, group) -> torch.Tensor:
     """Enter a tensor-parallel region with a replicated input.

@@ -7,6 +7,7 @@ The backward recomputes each block from the inputs and the merged (out, lse) sav
 
 Layout: out (B, S, H, D), lse (B, H, S).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,10 @@ from ..ops.attention import get_backend
 def resolve_call(q, k, v, group, causal, softmax_scale, backend):
     """Shape checks shared by the context-parallel attentions; returns (scale, backend object)."""
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"context-parallel attention expects q (B, S, H, D) and k, v (B, S, G, D); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"context-parallel attention expects q (B, S, H, D) and k, v (B, S, G, D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
     if causal and dist.get_world_size(group) > 1 and q.shape[1] % 2:

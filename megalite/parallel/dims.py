@@ -5,6 +5,7 @@ group is a run of consecutive ranks (one node's NVLink domain) and CP neighbours
 apart. ``dp_cp`` is the flattened DP x CP group over which replicated parameters' gradients
 are summed. Every group is a real ProcessGroup (a size-1 group works as the identity).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ def check_layout(world_size: int, tp: int, cp: int) -> int:
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor-parallel-size {tp} x "
             f"context-parallel-size {cp} = {tp * cp}; launch a multiple of {tp * cp} ranks "
-            f"or change the sizes")
+            f"or change the sizes"
+        )
     return world_size // (tp * cp)
 
 
@@ -40,7 +42,7 @@ class ParallelDims:
     sequence_parallel: bool = False
 
     @staticmethod
-    def build(cfg: ParallelConfig) -> "ParallelDims":
+    def build(cfg: ParallelConfig) -> ParallelDims:
         """Build the grid over the already-initialised default process group.
 
         Plain groups from the public API, each bounded by --distributed-timeout-minutes (groups
@@ -57,8 +59,7 @@ class ParallelDims:
         tp_group = group([list(range(s, s + tp)) for s in range(0, world, tp)])
         cp_group = group([[(d * cp + c) * tp + t for c in range(cp)] for d in range(dp) for t in range(tp)])
         dp_cp_group = group([list(range(t, world, tp)) for t in range(tp)])
-        return ParallelDims(world, rank, dp, cp, tp, tp_group, cp_group, dp_cp_group,
-                            cfg.sequence_parallel and tp > 1)
+        return ParallelDims(world, rank, dp, cp, tp, tp_group, cp_group, dp_cp_group, cfg.sequence_parallel and tp > 1)
 
     @property
     def tp_rank(self) -> int:
@@ -85,4 +86,5 @@ class ParallelDims:
 
     def describe(self) -> str:
         return f"world {self.world_size} = DP {self.dp} x CP {self.cp} x TP {self.tp}" + (
-            " (+SP)" if self.sequence_parallel else "")
+            " (+SP)" if self.sequence_parallel else ""
+        )

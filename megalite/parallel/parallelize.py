@@ -7,6 +7,7 @@
    normalises the loss by the global token count (so gradients must add, not average).
 Activation recompute is a model option (--recompute-granularity), independent of the layout.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,10 @@ def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
     """Model/layout/device compatibility, checked before any collective."""
     on_cuda = (cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     if cfg.model.use_flash_attn and not on_cuda:
-        raise ConfigError("--use-flash-attn needs a CUDA device (flash-attn has no CPU kernels); "
-                          "drop the flag to run torch's CPU attention kernels")
+        raise ConfigError(
+            "--use-flash-attn needs a CUDA device (flash-attn has no CPU kernels); "
+            "drop the flag to run torch's CPU attention kernels"
+        )
     validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel, cp=dims_cp)
     if dims_cp > 1:
         validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp)
@@ -33,8 +36,10 @@ def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
         if on_cuda and not fused_kernel_fits(torch.bfloat16 if cfg.train.bf16 else torch.float32, d):
             # fp32 (or odd head dims) would fall back to the math block attention, which holds
             # every block's full score matrix: exactly what long-context training cannot afford.
-            raise ConfigError("context parallel on CUDA needs --bf16 and a head dim that is a multiple of 8 "
-                              f"and <= 256 (got bf16={cfg.train.bf16}, head dim {d}) for the fused attention kernels")
+            raise ConfigError(
+                "context parallel on CUDA needs --bf16 and a head dim that is a multiple of 8 "
+                f"and <= 256 (got bf16={cfg.train.bf16}, head dim {d}) for the fused attention kernels"
+            )
 
 
 def _sum_hook(group, bucket):

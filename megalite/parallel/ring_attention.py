@@ -24,6 +24,7 @@ forward, CP-1 again backward, and CP-1 dK/dV blocks (fp32), the minimum for a ri
 Communication: forward: CP-1 K/V hops / backward: CP-1 K/V hops + CP-1 dK/dV hops. A size-1
 group is plain causal attention. Layout (batch, seq, heads, head_dim) throughout.
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,8 +101,16 @@ class _RingAttention(torch.autograd.Function):
                 recvs.append(torch.empty_like(partial))
             reqs = exchange(sends, recvs, peers, group)
             qs, ks = _step_slices(step, rank, causal, half)
-            bq, bk, bv = backend.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
-                                          lse[:, :, qs].contiguous(), causal and step == 0, scale)
+            bq, bk, bv = backend.backward(
+                dout[:, qs],
+                q[:, qs],
+                kv[0][:, ks],
+                kv[1][:, ks],
+                out[:, qs],
+                lse[:, :, qs].contiguous(),
+                causal and step == 0,
+                scale,
+            )
             dq[:, qs] += bq
             for req in reqs:
                 req.wait()
@@ -121,8 +130,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None
 
 
-def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,
-                   backend="auto"):
+def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
     """Exact attention over a sequence sharded in zigzag order over ``group``.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim), where the

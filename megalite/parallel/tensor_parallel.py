@@ -27,6 +27,7 @@ sequence shard) and ``PerRankDropoutAttention`` (attention dropout drawn per TP 
 ``from_dense`` builds each layer from the matching single-device module by slicing its
 weights, so a TP model equals the dense model built with the same seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,17 +37,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import (all_reduce, all_reduce_grad_hook, copy_to_region, gather_along_sequence,
-                   gather_last_dim, reduce_from_region, reduce_scatter_along_sequence,
-                   scatter_last_dim, scatter_to_sequence)
+from .comm import (
+    all_reduce,
+    all_reduce_grad_hook,
+    copy_to_region,
+    gather_along_sequence,
+    gather_last_dim,
+    reduce_from_region,
+    reduce_scatter_along_sequence,
+    scatter_last_dim,
+    scatter_to_sequence,
+)
 
 
 def split_dim(param: torch.Tensor) -> int | None:
     """The dim along which ``param`` is sharded over TP (its ``tp_split_dim``), None when replicated."""
     dim = getattr(param, "tp_split_dim", None)
     if dim is not None and not (isinstance(dim, int) and 0 <= dim < param.dim()):
-        raise ValueError(f"tp_split_dim {dim!r} of a parameter of shape {tuple(param.shape)} is not one of "
-                         f"its dims; set it to the int dim the shards split")
+        raise ValueError(
+            f"tp_split_dim {dim!r} of a parameter of shape {tuple(param.shape)} is not one of "
+            f"its dims; set it to the int dim the shards split"
+        )
     return dim
 
 
@@ -72,18 +83,21 @@ def _shard(t: torch.Tensor, dim: int, group) -> nn.Parameter:
 class _ParallelLinear(nn.Module):
     split_dim: int  # dim of the dense [out, in] weight that is sharded
 
-    def __init__(self, in_features, out_features, *, group, bias, sequence_parallel,
-                 device=None, dtype=None):
+    def __init__(self, in_features, out_features, *, group, bias, sequence_parallel, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group, self.sequence_parallel = group, sequence_parallel
         shape = [out_features, in_features]
-        shape[self.split_dim] = _divide(shape[self.split_dim], dist.get_world_size(group),
-                                       f"{type(self).__name__} {('out', 'in')[self.split_dim]}_features")
+        shape[self.split_dim] = _divide(
+            shape[self.split_dim],
+            dist.get_world_size(group),
+            f"{type(self).__name__} {('out', 'in')[self.split_dim]}_features",
+        )
         bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, over the full fan-in
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
-        self.bias = (nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype).uniform_(-bound, bound))
-                     if bias else None)
+        self.bias = (
+            nn.Parameter(torch.empty(shape[0], device=device, dtype=dtype).uniform_(-bound, bound)) if bias else None
+        )
         self._mark_params()
 
     def _mark_params(self):
@@ -98,19 +112,31 @@ class _ParallelLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, group, **kwargs):
         """Build from a dense ``nn.Linear`` by slicing its weight (and bias) for this rank."""
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    device="meta", dtype=linear.weight.dtype, **kwargs)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            group=group,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
         layer.weight = _shard(linear.weight, cls.split_dim, group)
         if linear.bias is not None:
-            layer.bias = (_shard(linear.bias, 0, group) if cls.split_dim == 0 else
-                          nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad))
+            layer.bias = (
+                _shard(linear.bias, 0, group)
+                if cls.split_dim == 0
+                else nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+            )
         layer._mark_params()
         return layer
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"local_weight={tuple(self.weight.shape)}, bias={self.bias is not None}, "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"local_weight={tuple(self.weight.shape)}, bias={self.bias is not None}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -124,12 +150,31 @@ class ColumnParallelLinear(_ParallelLinear):
     ``enter_region`` (so it is the full replicated input), letting several column layers that
     read one input share one collective, as SwiGLU's gate and fc1 do.
     """
+
     split_dim = 0
 
-    def __init__(self, in_features, out_features, *, group, bias=True, gather_output=False,
-                 sequence_parallel=False, skip_input_comm=False, device=None, dtype=None):
-        super().__init__(in_features, out_features, group=group, bias=bias,
-                         sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        *,
+        group,
+        bias=True,
+        gather_output=False,
+        sequence_parallel=False,
+        skip_input_comm=False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            group=group,
+            bias=bias,
+            sequence_parallel=sequence_parallel,
+            device=device,
+            dtype=dtype,
+        )
         self.gather_output, self.skip_input_comm = gather_output, skip_input_comm
 
     def forward(self, x):
@@ -147,22 +192,46 @@ class RowParallelLinear(_ParallelLinear):
     replicated ``[..., out]``, or with ``sequence_parallel`` this rank's sequence shard
     ``[s/p, b, out]`` (reduce-scattered along dim 0). The bias is added after the reduction.
     """
+
     split_dim = 1
 
-    def __init__(self, in_features, out_features, *, group, bias=True, input_is_parallel=True,
-                 sequence_parallel=False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        *,
+        group,
+        bias=True,
+        input_is_parallel=True,
+        sequence_parallel=False,
+        device=None,
+        dtype=None,
+    ):
         if sequence_parallel and not input_is_parallel:
-            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True "
-                             "(its input comes from a column-parallel layer)")
-        super().__init__(in_features, out_features, group=group, bias=bias,
-                         sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+            raise ValueError(
+                "RowParallelLinear: sequence_parallel needs input_is_parallel=True "
+                "(its input comes from a column-parallel layer)"
+            )
+        super().__init__(
+            in_features,
+            out_features,
+            group=group,
+            bias=bias,
+            sequence_parallel=sequence_parallel,
+            device=device,
+            dtype=dtype,
+        )
         self.input_is_parallel = input_is_parallel
 
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_last_dim(x, self.group)
         y = F.linear(x, self.weight)
-        y = reduce_scatter_along_sequence(y, self.group) if self.sequence_parallel else reduce_from_region(y, self.group)
+        y = (
+            reduce_scatter_along_sequence(y, self.group)
+            if self.sequence_parallel
+            else reduce_from_region(y, self.group)
+        )
         return y if self.bias is None else y + self.bias
 
 
@@ -175,8 +244,7 @@ class VocabParallelEmbedding(nn.Module):
     must be ``[s, b]``, sequence first).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, group, sequence_parallel=False,
-                 device=None, dtype=None):
+    def __init__(self, num_embeddings, embedding_dim, *, group, sequence_parallel=False, device=None, dtype=None):
         super().__init__()
         per_rank = _divide(num_embeddings, dist.get_world_size(group), "VocabParallelEmbedding num_embeddings")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -191,8 +259,14 @@ class VocabParallelEmbedding(nn.Module):
         """Build from a dense ``nn.Embedding`` by slicing this rank's vocabulary rows."""
         if embedding.padding_idx is not None or embedding.max_norm is not None:
             raise ValueError("VocabParallelEmbedding.from_dense: padding_idx / max_norm are not supported")
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group=group,
-                    sequence_parallel=sequence_parallel, device="meta", dtype=embedding.weight.dtype)
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            group=group,
+            sequence_parallel=sequence_parallel,
+            device="meta",
+            dtype=embedding.weight.dtype,
+        )
         layer.weight = _shard(embedding.weight, 0, group)
         layer.weight.tp_split_dim = 0
         return layer
@@ -206,8 +280,10 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_region(out, self.group)
 
     def extra_repr(self):
-        return (f"{self.num_embeddings}, {self.embedding_dim}, vocab=[{self.vocab_start}, {self.vocab_end}), "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, vocab=[{self.vocab_start}, {self.vocab_end}), "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class SequenceScatteredEmbedding(nn.Embedding):
@@ -276,8 +352,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, group,
-                                 ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_shard: torch.Tensor, target: torch.Tensor, group, ignore_index: int = -100
+) -> torch.Tensor:
     """Per-token cross entropy of vocabulary-sharded logits, never gathering the full vocab.
 
     ``logits_shard`` [..., V/p] holds this rank's contiguous vocab block (rank r: columns

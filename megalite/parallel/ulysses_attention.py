@@ -8,6 +8,7 @@ trades back. Needs H and G divisible by CP.
 
 forward: all-to-all q/k/v (one message), all-to-all out / backward: the same, reversed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,16 +49,17 @@ def _all_to_all(x, group, to_heads):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // cp, cp * n, d)  # recv[j]: my sequence, rank j's heads
 
 
-def ulysses_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None,
-                      backend="auto"):
+def ulysses_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
     """Ulysses (all-to-all) context-parallel attention; H and G must be divisible by CP."""
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
     cp = dist.get_world_size(group)
     b, s, h, d = q.shape
     g = k.shape[2]
     if h % cp or g % cp:
-        raise ValueError(f"--cp-comm-type a2a needs query heads ({h}) and kv heads ({g}) divisible by "
-                         f"the context-parallel size {cp}; use p2p or all_gather")
+        raise ValueError(
+            f"--cp-comm-type a2a needs query heads ({h}) and kv heads ({g}) divisible by "
+            f"the context-parallel size {cp}; use p2p or all_gather"
+        )
     # One message: for each destination rank, its q heads then its k and v heads.
     qkv = torch.cat([t.reshape(b, s, cp, -1, d) for t in (q, k, v)], dim=3).flatten(2, 3)
     qkv = zigzag_merge(_AllToAll.apply(qkv, group, True), 1, cp)  # (B, S, (H + 2G)/CP, D), natural order

@@ -8,9 +8,10 @@ The data path applies the same ``zigzag_split`` to tokens, labels (shifted by on
 split, so each label stays next to its token), the loss mask and the position ids: RoPE and
 learned absolute positions then see each token's true position.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,7 +21,8 @@ def _check(length: int, cp_size: int, dim: int) -> None:
         raise ValueError(
             f"sequence dim {dim} has length {length}, not divisible by 2 x context-parallel size "
             f"{cp_size} = {2 * cp_size} (zigzag needs 2*CP equal chunks); pad or choose --seq-length "
-            f"as a multiple of {2 * cp_size}")
+            f"as a multiple of {2 * cp_size}"
+        )
 
 
 def zigzag_split(x: torch.Tensor, dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -35,8 +37,7 @@ def zigzag_split(x: torch.Tensor, dim: int, cp_size: int, cp_rank: int) -> torch
     return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
 
 
-def zigzag_merge(gathered: torch.Tensor | Sequence[torch.Tensor], dim: int,
-                 cp_size: int | None = None) -> torch.Tensor:
+def zigzag_merge(gathered: torch.Tensor | Sequence[torch.Tensor], dim: int, cp_size: int | None = None) -> torch.Tensor:
     """Inverse of ``zigzag_split``: every rank's pair back to natural order along ``dim``.
 
     ``gathered`` is either the list of the cp_size ranks' pieces (rank order), or one tensor

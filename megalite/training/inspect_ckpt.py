@@ -4,6 +4,7 @@ DIR is a --save directory (every iter_* with its state, which one --load would r
 then that one in detail) or one iter_* directory. Reads meta.json and file sizes, and verifies
 the checksums of the checkpoint it describes (reading its files), as a run's --load would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,27 +20,33 @@ from .checkpoint import integrity
 
 
 def _bytes(meta: dict, prefix: str) -> int:
-    return sum(math.prod(e["shape"]) * getattr(torch, e["dtype"]).itemsize for k, e in meta["tensors"].items()
-               if k.startswith(prefix))
+    return sum(
+        math.prod(e["shape"]) * getattr(torch, e["dtype"]).itemsize
+        for k, e in meta["tensors"].items()
+        if k.startswith(prefix)
+    )
 
 
 def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
     """Lines describing one complete checkpoint directory."""
     meta = checkpoint.read_meta(ckpt_dir)
     lay, m, t = meta["layout"], meta["model"], meta["tensors"]
-    params = sum(math.prod(e["shape"][1:]) * e.get("real", e["shape"][0])
-                 for k, e in t.items() if k.startswith("model/"))
+    params = sum(
+        math.prod(e["shape"][1:]) * e.get("real", e["shape"][0]) for k, e in t.items() if k.startswith("model/")
+    )
     groups = ModelConfig(**m).num_kv_heads
-    lines = [f"{ckpt_dir}:",
-             f"  iteration {meta['iteration']}, consumed samples {meta['consumed_samples']}, "
-             f"global batch {meta['global_batch_size']}, seed {meta['seed']}",
-             f"  layout: TP={lay['tp']} CP={lay['cp']} DP={lay['dp']} (world {lay['world']})",
-             f"  model: {m['num_layers']} layers, hidden {m['hidden_size']}, heads {m['num_attention_heads']} "
-             f"({groups} query groups), {m['normalization']}, {'SwiGLU' if m['swiglu'] else 'GELU'}, "
-             f"vocab {meta['vocab_size']}, {params / 1e6:.2f}M parameters",
-             f"  tensors: {sum(k.startswith('model/') for k in t)} model ({_bytes(meta, 'model/'):,} bytes), "
-             f"{sum(k.startswith('optim/') for k in t)} optimizer ({_bytes(meta, 'optim/'):,} bytes)",
-             f"  files: {len(meta['files'])}, {sum(meta['files'].values()):,} bytes"]
+    lines = [
+        f"{ckpt_dir}:",
+        f"  iteration {meta['iteration']}, consumed samples {meta['consumed_samples']}, "
+        f"global batch {meta['global_batch_size']}, seed {meta['seed']}",
+        f"  layout: TP={lay['tp']} CP={lay['cp']} DP={lay['dp']} (world {lay['world']})",
+        f"  model: {m['num_layers']} layers, hidden {m['hidden_size']}, heads {m['num_attention_heads']} "
+        f"({groups} query groups), {m['normalization']}, {'SwiGLU' if m['swiglu'] else 'GELU'}, "
+        f"vocab {meta['vocab_size']}, {params / 1e6:.2f}M parameters",
+        f"  tensors: {sum(k.startswith('model/') for k in t)} model ({_bytes(meta, 'model/'):,} bytes), "
+        f"{sum(k.startswith('optim/') for k in t)} optimizer ({_bytes(meta, 'optim/'):,} bytes)",
+        f"  files: {len(meta['files'])}, {sum(meta['files'].values()):,} bytes",
+    ]
     for name, size in sorted(meta["files"].items()):
         if "crc32" not in meta:
             state = "no checksum (saved before megalite recorded them; size checked)"
@@ -49,8 +56,11 @@ def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
     if tensors:
         for key, e in sorted(t.items()):
             rows = f" ({e['real']} real rows)" if "real" in e else ""
-            split = (f"split on dim {e['dim']} over {', '.join(e['files'])}" if e["dim"] is not None
-                     else f"replicated, in {e['files'][0]}")
+            split = (
+                f"split on dim {e['dim']} over {', '.join(e['files'])}"
+                if e["dim"] is not None
+                else f"replicated, in {e['files'][0]}"
+            )
             lines.append(f"    {key}  {e['shape']}{rows} {e['dtype']} {split}")
     return lines
 
@@ -65,8 +75,10 @@ def report(path: str, tensors: bool = False) -> list[str]:
     lines = [f"{path}:"]
     for name in checkpoint.list_checkpoints(path):
         why = checkpoint.problem(os.path.join(path, name))
-        lines.append(f"  {name}  {'complete' if why is None else 'INCOMPLETE: ' + why}"
-                     + ("  <- latest" if name == latest else ""))
+        lines.append(
+            f"  {name}  {'complete' if why is None else 'INCOMPLETE: ' + why}"
+            + ("  <- latest" if name == latest else "")
+        )
     notes, checked = [], {}
 
     def verify(ckpt):  # what a run's collective check would find, read by this one process

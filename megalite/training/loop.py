@@ -6,6 +6,7 @@ take the zigzag slice of the same sequences. The loss of a global batch is the s
 per-token losses over all its loss tokens divided by their number, so every layout computes
 the same quantity, and gradients are summed over DP x CP.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,19 +18,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from . import checkpoint
-from .metrics import MetricsLogger, memory_gib
-from .nonfinite import NonFiniteError, check_skips, save_refusal, step_flags
-from .optim import clip_grad_norm, lr_at, set_lr
 from ..config import Config
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import unwrap
 from ..parallel.zigzag import zigzag_split
+from . import checkpoint
+from .metrics import MetricsLogger, memory_gib
+from .nonfinite import NonFiniteError, check_skips, save_refusal, step_flags
+from .optim import clip_grad_norm, lr_at, set_lr
 
 
 @dataclass(frozen=True)
 class TrainSetup:
     """What train() works on, built by main() before the first step."""
+
     model: torch.nn.Module  # in its parallel form (TP/CP modules, DDP over DP x CP)
     optimizer: torch.optim.Optimizer
     train_set: Dataset
@@ -79,10 +81,13 @@ def blame(op: str, dims, cfg):
     except RuntimeError as exc:
         hint = ""
         if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-            hint = (f" (a peer did not join within --distributed-timeout-minutes "
-                    f"{cfg.parallel.distributed_timeout_minutes}: it is stuck, dead or much slower; see its log)")
-        raise RuntimeError(f"rank {dims.rank} (dp {dims.dp_rank}, cp {dims.cp_rank}, tp {dims.tp_rank}): "
-                           f"{op} failed{hint}: {exc}") from exc
+            hint = (
+                f" (a peer did not join within --distributed-timeout-minutes "
+                f"{cfg.parallel.distributed_timeout_minutes}: it is stuck, dead or much slower; see its log)"
+            )
+        raise RuntimeError(
+            f"rank {dims.rank} (dp {dims.dp_rank}, cp {dims.cp_rank}, tp {dims.tp_rank}): {op} failed{hint}: {exc}"
+        ) from exc
 
 
 def _forward_loss(model, batch, global_tokens, autocast):
@@ -109,8 +114,10 @@ def train_step(model, optimizer, batches, dims, cfg, device, exit_requested: boo
     for m, batch in enumerate(batches):
         last = m == len(batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, blame(f"forward/backward of micro-batch {m} (TP/CP exchanges, DP x CP gradient all-reduce)",
-                         dims, cfg):
+        with (
+            sync,
+            blame(f"forward/backward of micro-batch {m} (TP/CP exchanges, DP x CP gradient all-reduce)", dims, cfg),
+        ):
             loss = _forward_loss(model, batch, global_tokens, autocast)
             loss.backward()
         loss_sum += loss.detach()
@@ -147,6 +154,7 @@ def evaluate(model, dataset, dims, cfg, device) -> float:
 def _install_exit_handler(state: TrainState):
     def handler(signum, frame):
         state.exit_requested = True
+
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -181,22 +189,35 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
         if logger:
             elapsed = time.perf_counter() - t_start
             tflops = flops_step / step_time / dims.world_size / 1e12
-            record = {"iteration": state.iteration, "train_iters": t.train_iters,
-                      "consumed_samples": state.consumed_samples, "loss": step.loss, "lr": lr,
-                      "grad_norm": step.grad_norm, "skipped": step.skipped,
-                      "skipped_iterations": state.skipped_iterations, "tokens_per_sec": tokens_per_step / step_time,
-                      "step_time": step_time, "tflops_per_device": tflops,
-                      "mfu": tflops / peak if peak else None, "mem_gib": memory_gib(device),
-                      "eta_s": elapsed / (state.iteration - start_iter) * (stop_at - state.iteration)}
-        if valid_set is not None and t.eval_interval and (state.iteration % t.eval_interval == 0
-                                                          or state.iteration == t.train_iters):
+            record = {
+                "iteration": state.iteration,
+                "train_iters": t.train_iters,
+                "consumed_samples": state.consumed_samples,
+                "loss": step.loss,
+                "lr": lr,
+                "grad_norm": step.grad_norm,
+                "skipped": step.skipped,
+                "skipped_iterations": state.skipped_iterations,
+                "tokens_per_sec": tokens_per_step / step_time,
+                "step_time": step_time,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
+                "mem_gib": memory_gib(device),
+                "eta_s": elapsed / (state.iteration - start_iter) * (stop_at - state.iteration),
+            }
+        if (
+            valid_set is not None
+            and t.eval_interval
+            and (state.iteration % t.eval_interval == 0 or state.iteration == t.train_iters)
+        ):
             with blame("evaluation", dims, cfg):
                 valid = evaluate(model, valid_set, dims, cfg, device)
             if record:
                 record["valid_loss"] = valid
         if logger:
-            logger.log(record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at
-                       or step.skipped)
+            logger.log(
+                record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at or step.skipped
+            )
         check_skips(state.iteration, state.consecutive_skips, t.max_skipped_steps)
         periodic = ck.save_interval and state.iteration % ck.save_interval == 0
         if ck.save and (periodic or step.exiting or state.iteration == stop_at):
@@ -208,7 +229,10 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
                 checkpoint.save(ck.save, state.iteration, state.consumed_samples, unwrap(model), optimizer, dims, cfg)
         if step.exiting:
             if logger:
-                print(f"megalite: exit signal received: stopping after iteration {state.iteration}"
-                      + (f", checkpoint saved in {ck.save}" if ck.save else " (no --save: nothing saved)"), flush=True)
+                print(
+                    f"megalite: exit signal received: stopping after iteration {state.iteration}"
+                    + (f", checkpoint saved in {ck.save}" if ck.save else " (no --save: nothing saved)"),
+                    flush=True,
+                )
             break
     return state

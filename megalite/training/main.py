@@ -3,6 +3,7 @@
 Everything a user can get wrong is checked before the first collective, on every rank, so a
 bad flag or file fails fast with the same message everywhere instead of hanging.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,10 @@ def validate_world(cfg: C.Config, world: int) -> int:
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
     if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by "
-                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by "
+            f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}"
+        )
     validate_layout(cfg, p.tensor_parallel_size, p.context_parallel_size)
     return dp
 
@@ -56,6 +59,7 @@ def resolve_data(cfg: C.Config, rank: int) -> tuple[str, str]:
     d = cfg.data
     if d.data_path is None:
         from ..data.default_corpus import ensure_default_corpus
+
         prefix, tok = ensure_default_corpus(log=print if rank == 0 else (lambda *a: None))
         return prefix, d.tokenizer_model or tok
     if d.tokenizer_model is None:
@@ -71,8 +75,10 @@ def vocab_size_for(cfg: C.Config, tokenizer: Tokenizer) -> int:
     if given is None:
         return tokenizer.vocab_size
     if tokenizer.vocab_size > given:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but --vocab-size is {given}; "
-                          f"raise --vocab-size to at least {tokenizer.vocab_size} or drop it")
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but --vocab-size is {given}; "
+            f"raise --vocab-size to at least {tokenizer.vocab_size} or drop it"
+        )
     return given
 
 
@@ -90,8 +96,9 @@ def main(argv=None) -> int:
     vocab = vocab_size_for(cfg, tokenizer)
     if ckpt_dir is not None:
         checkpoint.check_compatible(checkpoint.read_meta(ckpt_dir), cfg, vocab, ckpt_dir)
-    train_set, valid_set, _ = build_datasets(prefix, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-                                             tokenizer.eod, tokenizer=tokenizer)
+    train_set, valid_set, _ = build_datasets(
+        prefix, cfg.data.split, cfg.model.seq_length, cfg.train.seed, tokenizer.eod, tokenizer=tokenizer
+    )
     train_set.check_nonempty()
     if cfg.train.eval_iters > 0 and cfg.train.eval_interval:
         valid_set.check_nonempty()
@@ -117,13 +124,28 @@ def main(argv=None) -> int:
     logger = None
     if dims.is_logger:
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or "runs"
-        logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()},
-                               peak=peak_tflops(device, cfg.train.peak_tflops))
-        print(f"megalite: {dims.describe()} on {device.type}; model {n_params / 1e6:.1f}M params; "
-              f"vocab {vocab}; data {prefix}; metrics -> {logger.path}"
-              + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""), flush=True)
-    setup = TrainSetup(model, optimizer, train_set, valid_set, dims, cfg, device,
-                       flops_per_token(cfg.model, n_matmul, cfg.model.seq_length))
+        logger = MetricsLogger(
+            log_dir,
+            cfg,
+            {k: dataclasses.asdict(v) for k, v in vars(cfg).items()},
+            peak=peak_tflops(device, cfg.train.peak_tflops),
+        )
+        print(
+            f"megalite: {dims.describe()} on {device.type}; model {n_params / 1e6:.1f}M params; "
+            f"vocab {vocab}; data {prefix}; metrics -> {logger.path}"
+            + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""),
+            flush=True,
+        )
+    setup = TrainSetup(
+        model,
+        optimizer,
+        train_set,
+        valid_set,
+        dims,
+        cfg,
+        device,
+        flops_per_token(cfg.model, n_matmul, cfg.model.seq_length),
+    )
     try:
         train(setup, state, logger)
     finally:

@@ -2,6 +2,7 @@
 
 Only the logging rank (global rank 0) creates a MetricsLogger; the others pass None.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,24 +76,29 @@ def _start_wandb(cfg, log_dir: str, run_config: dict):
     if mode is None and not os.environ.get("WANDB_API_KEY"):
         mode = "offline"  # no key: never block on a login prompt or the network
         print(f"wandb: no WANDB_API_KEY, logging offline under {log_dir}", file=sys.stderr)
-    return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_exp_name, dir=log_dir,
-                      mode=mode, config=run_config)
+    return wandb.init(
+        project=cfg.logging.wandb_project, name=cfg.logging.wandb_exp_name, dir=log_dir, mode=mode, config=run_config
+    )
 
 
 def format_line(r: dict) -> str:
-    parts = [f"iteration {r['iteration']:>6d}/{r['train_iters']:>6d}",
-             f"consumed samples: {r['consumed_samples']:>9d}",
-             f"elapsed time per iteration (ms): {r['step_time'] * 1e3:.1f}",
-             f"learning rate: {r['lr']:.3E}",
-             f"lm loss: {r['loss']:.6E}",
-             f"grad norm: {r['grad_norm']:.3f}",
-             f"tokens/s: {r['tokens_per_sec']:.0f}",
-             f"TFLOP/s/GPU: {r['tflops_per_device']:.2f}"]
+    parts = [
+        f"iteration {r['iteration']:>6d}/{r['train_iters']:>6d}",
+        f"consumed samples: {r['consumed_samples']:>9d}",
+        f"elapsed time per iteration (ms): {r['step_time'] * 1e3:.1f}",
+        f"learning rate: {r['lr']:.3E}",
+        f"lm loss: {r['loss']:.6E}",
+        f"grad norm: {r['grad_norm']:.3f}",
+        f"tokens/s: {r['tokens_per_sec']:.0f}",
+        f"TFLOP/s/GPU: {r['tflops_per_device']:.2f}",
+    ]
     if r.get("mfu") is not None:
         parts.append(f"MFU: {100 * r['mfu']:.1f}%")
     if r.get("skipped_iterations"):
-        parts.append(f"skipped iterations: {r['skipped_iterations']}"
-                     + (" (this update skipped: non-finite loss or gradient)" if r["skipped"] else ""))
+        parts.append(
+            f"skipped iterations: {r['skipped_iterations']}"
+            + (" (this update skipped: non-finite loss or gradient)" if r["skipped"] else "")
+        )
     parts.append(f"mem: {r['mem_gib']:.2f} GiB")
     if "valid_loss" in r:
         parts.append(f"valid loss: {r['valid_loss']:.6E}")

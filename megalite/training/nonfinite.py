@@ -8,6 +8,7 @@ and the guard costs no extra round trip. A rank's gradient norm covers its TP-sh
 skipped update leaves weights and optimizer state (Adam's moments and step count) untouched;
 the iteration, the data position and the LR schedule still advance, as in Megatron-LM.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,15 +37,20 @@ def check_skips(iteration: int, consecutive: int, max_skipped: int) -> None:
         f"stopping at iteration {iteration}: the updates of iterations {first}-{iteration} were all skipped for a "
         f"non-finite loss or gradient (--max-skipped-steps {max_skipped}); weights and optimizer state are still "
         f"those after iteration {first - 1}. Lower --lr or lengthen --lr-warmup-iters, check the data, and "
-        f"resume from the last checkpoint with --load")
+        f"resume from the last checkpoint with --load"
+    )
 
 
 def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """Name of the first parameter or optimizer state tensor holding a NaN or inf, else None."""
     names = {p: n for n, p in model.named_parameters()}
     tensors = [(f"model/{n}", p.detach()) for p, n in names.items()]
-    tensors += [(f"optim/{names[p]}/{k}", v) for p, state in optimizer.state.items()
-                for k, v in state.items() if torch.is_tensor(v)]
+    tensors += [
+        (f"optim/{names[p]}/{k}", v)
+        for p, state in optimizer.state.items()
+        for k, v in state.items()
+        if torch.is_tensor(v)
+    ]
     finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()  # one device sync
     return None if finite.all() else tensors[int((~finite).nonzero()[0])][0]
 
@@ -58,6 +64,8 @@ def save_refusal(model, optimizer, dims, iteration: int, save_dir: str, device) 
     ranks = flags.nonzero().flatten().tolist()
     if not ranks:
         return None
-    return (f"refusing to save the checkpoint of iteration {iteration} to {save_dir}: rank(s) {ranks} hold "
-            f"non-finite values" + (f" (this rank: {bad})" if bad else "") + f"; nothing was written, the "
-            f"checkpoints already in {save_dir} are untouched")
+    return (
+        f"refusing to save the checkpoint of iteration {iteration} to {save_dir}: rank(s) {ranks} hold "
+        f"non-finite values" + (f" (this rank: {bad})" if bad else "") + f"; nothing was written, the "
+        f"checkpoints already in {save_dir} are untouched"
+    )

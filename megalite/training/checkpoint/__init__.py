@@ -37,6 +37,7 @@ Before use, a checkpoint's file sizes are checked on every rank (before any coll
 its checksums by all ranks together (each reads a share); a bad newest checkpoint gives way to
 the newest good one, with a warning naming the bad file.
 """
+
 from __future__ import annotations
 
 from .atomic_save import save
@@ -53,5 +54,17 @@ from .resolve import (
     verify_load_dir,
 )
 
-__all__ = ["FORMAT", "check_compatible", "list_checkpoints", "load", "lock_save_dir", "partition_dims",
-           "problem", "read_latest", "read_meta", "resolve_load_dir", "save", "verify_load_dir"]
+__all__ = [
+    "FORMAT",
+    "check_compatible",
+    "list_checkpoints",
+    "load",
+    "lock_save_dir",
+    "partition_dims",
+    "problem",
+    "read_latest",
+    "read_meta",
+    "resolve_load_dir",
+    "save",
+    "verify_load_dir",
+]

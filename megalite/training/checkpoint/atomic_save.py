@@ -1,4 +1,5 @@
 """Atomic save: every rank writes its share into ``.tmp_iter_...``; rank 0 commits."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,10 @@ def _write_failure(path: str, exc: BaseException, needed: int, total: int) -> st
         free = f"{shutil.disk_usage(os.path.dirname(path)).free:,} bytes are free there"
     except OSError:
         free = "free space unknown"
-    return (f"writing {path} failed after {written:,} bytes ({type(exc).__name__}: {exc}); this file needs about "
-            f"{needed:,} bytes and the whole checkpoint about {total:,}; {free}")
+    return (
+        f"writing {path} failed after {written:,} bytes ({type(exc).__name__}: {exc}); this file needs about "
+        f"{needed:,} bytes and the whole checkpoint about {total:,}; {free}"
+    )
 
 
 class SaveFailed(RuntimeError):
@@ -77,9 +80,11 @@ def _agree(outcome, what: str, save_dir: str, name: str, world_size: int) -> lis
     dist.all_gather_object(outcomes, outcome, group=dist.group.WORLD)
     errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(outcomes) if err]
     if errors:
-        raise SaveFailed(f"checkpoint save of {name} failed while {what}, nothing was committed ('latest' "
-                           f"still names {read_latest(save_dir)}): {'; '.join(errors)}. Free space on the disk "
-                           "of --save, or point --save elsewhere, then resume")
+        raise SaveFailed(
+            f"checkpoint save of {name} failed while {what}, nothing was committed ('latest' "
+            f"still names {read_latest(save_dir)}): {'; '.join(errors)}. Free space on the disk "
+            "of --save, or point --save elsewhere, then resume"
+        )
     return [value for value, _ in outcomes]
 
 
@@ -108,15 +113,15 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
         except OSError as exc:
             failed = f"creating {tmp} failed ({type(exc).__name__}: {exc})"
     entries = _entries(model, optimizer)
-    digest = hashlib.sha1(repr(sorted((k, tuple(t.shape), str(t.dtype), d) for k, (t, d, _) in entries.items()))
-                          .encode()).hexdigest()
+    digest = hashlib.sha1(
+        repr(sorted((k, tuple(t.shape), str(t.dtype), d) for k, (t, d, _) in entries.items())).encode()
+    ).hexdigest()
     digests = _agree((digest, failed), "preparing", save_dir, name, dims.world_size)  # tmp exists from here on
     if len(set(digests)) != 1:
         raise RuntimeError(f"checkpoint save: ranks hold different tensor sets or shapes {digests}")
     plan = _assign(entries, dims)
     shard = dims.tp_rank
-    mine = {k: _standalone(entries[k][0].cpu()) for k, w in plan.items()
-            if w[shard if len(w) > 1 else 0] == dims.rank}
+    mine = {k: _standalone(entries[k][0].cpu()) for k, w in plan.items() if w[shard if len(w) > 1 else 0] == dims.rank}
     path = os.path.join(tmp, _rank_file(dims.rank))
     try:
         written, failed = _write_share(path, {"tensors": mine, "rng": _rng_state()}), None
@@ -136,14 +141,26 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
             shape = list(t.shape)
             if dim is not None:
                 shape[dim] *= dims.tp
-            index[key] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "dim": dim,
-                          "files": [_rank_file(r) for r in plan[key]], **({"real": real} if real else {})}
-        meta = {"format": FORMAT, "iteration": iteration, "consumed_samples": consumed,
-                "global_batch_size": cfg.train.global_batch_size, "seed": cfg.train.seed,
-                "layout": {"tp": dims.tp, "cp": dims.cp, "dp": dims.dp, "world": dims.world_size},
-                "model": dataclasses.asdict(cfg.model), "vocab_size": model.vocab_size,
-                "files": {_rank_file(r): size for r, (size, _) in enumerate(files)},
-                "crc32": {_rank_file(r): crc for r, (_, crc) in enumerate(files)}, "tensors": index}
+            index[key] = {
+                "shape": shape,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "dim": dim,
+                "files": [_rank_file(r) for r in plan[key]],
+                **({"real": real} if real else {}),
+            }
+        meta = {
+            "format": FORMAT,
+            "iteration": iteration,
+            "consumed_samples": consumed,
+            "global_batch_size": cfg.train.global_batch_size,
+            "seed": cfg.train.seed,
+            "layout": {"tp": dims.tp, "cp": dims.cp, "dp": dims.dp, "world": dims.world_size},
+            "model": dataclasses.asdict(cfg.model),
+            "vocab_size": model.vocab_size,
+            "files": {_rank_file(r): size for r, (size, _) in enumerate(files)},
+            "crc32": {_rank_file(r): crc for r, (_, crc) in enumerate(files)},
+            "tensors": index,
+        }
         try:
             _commit(save_dir, tmp, name, meta)
         except OSError as exc:
@@ -151,6 +168,7 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
             verdict = [f"committing failed ({type(exc).__name__}: {exc})"]
     dist.broadcast_object_list(verdict, src=0, group=dist.group.WORLD)  # rank 0's commit, told to all
     if verdict[0]:
-        raise SaveFailed(f"checkpoint save of {name} failed on rank 0: {verdict[0]} ('latest' names "
-                           f"{read_latest(save_dir)})")
+        raise SaveFailed(
+            f"checkpoint save of {name} failed on rank 0: {verdict[0]} ('latest' names {read_latest(save_dir)})"
+        )
     return os.path.join(save_dir, name)

@@ -1,5 +1,6 @@
 """What a checkpoint holds: file names, the tensor index (name -> local tensor, split dim,
 real vocabulary rows), which rank writes each shard, RNG streams, and atomic small-file writes."""
+
 from __future__ import annotations
 
 import heapq
@@ -91,8 +92,11 @@ def _assign(entries, dims) -> dict[str, list[int]]:
 
 def _rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

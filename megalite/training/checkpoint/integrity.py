@@ -6,6 +6,7 @@ reads a file back. CRC-32 because it is the fastest check the standard library o
 no defence against deliberate tampering. Checkpoints written before checksums existed carry
 sizes only, and are checked by size.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,11 +76,14 @@ def verify(ckpt_dir: str, meta: dict) -> str | None:
     rank), or None."""
     rank, world = dist.get_rank(), dist.get_world_size()
     found = [None] * world
-    dist.all_gather_object(found, (ckpt_dir, bad_files(ckpt_dir, meta, sorted(meta["files"])[rank::world])),
-                           group=dist.group.WORLD)
+    dist.all_gather_object(
+        found, (ckpt_dir, bad_files(ckpt_dir, meta, sorted(meta["files"])[rank::world])), group=dist.group.WORLD
+    )
     chosen = sorted({d for d, _ in found})
     if len(chosen) > 1:  # e.g. --load on each node's own disk
-        raise ConfigError(f"ranks chose different checkpoints to load ({', '.join(chosen)}): --load must be a "
-                          "directory every rank sees with the same contents (a shared filesystem)")
+        raise ConfigError(
+            f"ranks chose different checkpoints to load ({', '.join(chosen)}): --load must be a "
+            "directory every rank sees with the same contents (a shared filesystem)"
+        )
     problems = sorted(why for _, part in found for why in part)
     return "; ".join(problems) if problems else None

@@ -5,6 +5,7 @@ a lock left by a killed run is free for the next run (an elastic restart of the 
 included: its workers are new processes). The file also records who holds it (pid and host),
 for the error a second run gets and for the note when a run takes over from one that was killed.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -48,13 +49,14 @@ def _take(save_dir: str, log) -> tuple[SaveDirLock | None, str | None]:
         fh.seek(0)
         holder = fh.read().strip() or "a process that has not written its pid yet"
         fh.close()
-        return None, (f"--save {save_dir} is in use by another run ({holder}, lock {path}); two runs saving "
-                      "into one directory would overwrite each other's checkpoints: wait for that run to end, "
-                      "or give this one another --save directory")
+        return None, (
+            f"--save {save_dir} is in use by another run ({holder}, lock {path}); two runs saving "
+            "into one directory would overwrite each other's checkpoints: wait for that run to end, "
+            "or give this one another --save directory"
+        )
     except OSError as exc:  # a filesystem without flock
         fh.close()
-        log(f"megalite: warning: cannot lock {path} ({exc}): a second run saving into {save_dir} "
-            "would not be detected")
+        log(f"megalite: warning: cannot lock {path} ({exc}): a second run saving into {save_dir} would not be detected")
         return None, None
     fh.seek(0)
     previous = fh.read().strip()

@@ -1,4 +1,5 @@
 """Resharding load: each rank reads the regions of the dense tensors its new layout owns."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ class _Reader:
 
     def file(self, name: str) -> dict:
         if name not in self.files:
-            self.files[name] = torch.load(os.path.join(self.dir, name), map_location="cpu", mmap=True,
-                                          weights_only=True)
+            self.files[name] = torch.load(
+                os.path.join(self.dir, name), map_location="cpu", mmap=True, weights_only=True
+            )
         return self.files[name]
 
     def region(self, key: str, local: torch.Size, dim: int | None, tp_rank: int) -> torch.Tensor:
@@ -63,8 +65,11 @@ def _optimizer_state(reader: _Reader, model, optimizer, split: dict, tp_rank: in
         per_param = {}
         for key, k in keys.get(n, []):
             shape = reader.index[key]["shape"]
-            per_param[k] = (reader.region(key, p.shape, split.get(n), tp_rank) if shape == dense  # exp_avg, ...
-                            else reader.region(key, torch.Size(shape), None, 0))  # replicated, e.g. step
+            per_param[k] = (
+                reader.region(key, p.shape, split.get(n), tp_rank)
+                if shape == dense  # exp_avg, ...
+                else reader.region(key, torch.Size(shape), None, 0)
+            )  # replicated, e.g. step
         if per_param:
             state[i] = per_param
     return state
@@ -78,8 +83,12 @@ def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
-    optimizer.load_state_dict({"state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
-                               "param_groups": optimizer.state_dict()["param_groups"]})
+    optimizer.load_state_dict(
+        {
+            "state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
+            "param_groups": optimizer.state_dict()["param_groups"],
+        }
+    )
     lay = meta["layout"]
     same_layout = (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp)
     if same_layout:
@@ -87,11 +96,19 @@ def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
     else:
         _reseed(dims.dropout_seed(cfg.train.seed + meta["iteration"]))
     if dims.rank == 0:
-        log(f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
-            f"DP={lay['dp']})" + ("" if same_layout else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, "
-                                                         "RNG reseeded with --seed + iteration"))
+        log(
+            f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
+            f"DP={lay['dp']})"
+            + (
+                ""
+                if same_layout
+                else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, RNG reseeded with --seed + iteration"
+            )
+        )
         if meta["global_batch_size"] != cfg.train.global_batch_size:
-            log(f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
+            log(
+                f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
                 f"checkpoint's {meta['global_batch_size']}: data continues at sample {meta['consumed_samples']}, "
-                "but the batches differ from the original run's")
+                "but the batches differ from the original run's"
+            )
     return meta

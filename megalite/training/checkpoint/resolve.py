@@ -1,5 +1,6 @@
 """Finding the checkpoint ``--load`` resumes from: sizes and compatibility before any collective,
 then the files' checksums, verified by all ranks together once the process group is up."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,7 @@ def problem(ckpt_dir: str) -> str | None:
         return f"unreadable meta.json ({exc})"
     if meta.get("format") != FORMAT:
         return f"format {meta.get('format')} (this megalite reads format {FORMAT})"
-    return next(filter(None, (integrity.file_problem(ckpt_dir, n, meta, checksum=False) for n in meta["files"])),
-                None)
+    return next(filter(None, (integrity.file_problem(ckpt_dir, n, meta, checksum=False) for n in meta["files"])), None)
 
 
 def list_checkpoints(save_dir: str) -> list[str]:
@@ -60,8 +60,10 @@ def resolve_load_dir(path: str, log=print, verify=None) -> str | None:
     - ``iter_*`` or ``latest`` present but nothing complete: ConfigError listing each problem.
     """
     if not os.path.isdir(path):
-        raise ConfigError(f"--load {path}: no such directory (to start a run that resumes from its own "
-                          f"checkpoints, create it first: mkdir -p {path})")
+        raise ConfigError(
+            f"--load {path}: no such directory (to start a run that resumes from its own "
+            f"checkpoints, create it first: mkdir -p {path})"
+        )
 
     def check(ckpt):
         return problem(ckpt) or (verify(ckpt) if verify else None)
@@ -79,8 +81,10 @@ def resolve_load_dir(path: str, log=print, verify=None) -> str | None:
             names.insert(0, names.pop(names.index(latest)))
     unfinished = sorted(n for n in os.listdir(path) if _UNFINISHED.match(n))
     if unfinished:
-        log(f"megalite: warning: ignoring {', '.join(unfinished)} in {path}: saves that did not finish "
-            "(the next save into this directory removes them)")
+        log(
+            f"megalite: warning: ignoring {', '.join(unfinished)} in {path}: saves that did not finish "
+            "(the next save into this directory removes them)"
+        )
     if not names:
         log(f"megalite: --load {path} holds no checkpoint yet; starting from iteration 0")
         return None
@@ -92,12 +96,16 @@ def resolve_load_dir(path: str, log=print, verify=None) -> str | None:
         why = check(ckpt) if os.path.isdir(ckpt) else "missing"
         if why is None:
             if skipped:
-                log(f"megalite: warning: skipped incomplete or damaged checkpoints ({'; '.join(skipped)}); "
-                    f"resuming from {name}")
+                log(
+                    f"megalite: warning: skipped incomplete or damaged checkpoints ({'; '.join(skipped)}); "
+                    f"resuming from {name}"
+                )
             return ckpt
         skipped.append(f"{name}: {why}" + (" ('latest' names it; missing or incomplete)" if name == latest else ""))
-    raise ConfigError(f"--load {path}: no complete checkpoint ({'; '.join(skipped)}); remove the broken "
-                      "directories to start fresh, or point --load at a good checkpoint")
+    raise ConfigError(
+        f"--load {path}: no complete checkpoint ({'; '.join(skipped)}); remove the broken "
+        "directories to start fresh, or point --load at a good checkpoint"
+    )
 
 
 def _few(items: list[str], sep: str = ", ") -> str:
@@ -109,21 +117,36 @@ def check_compatible(meta: dict, cfg, vocab_size: int, ckpt_dir: str) -> None:
     first mismatching tensors (compared as dense shapes with the real vocabulary rows)."""
     with torch.device("meta"):
         dense = GPT(cfg.model, vocab_size)
-    want = {n: [vocab_size, *p.shape[1:]] if n in dense.VOCAB_PARAMETERS else list(p.shape)
-            for n, p in dense.named_parameters()}
-    have = {k.removeprefix("model/"): [e["real"], *e["shape"][1:]] if "real" in e else e["shape"]
-            for k, e in meta["tensors"].items() if k.startswith("model/")}
+    want = {
+        n: [vocab_size, *p.shape[1:]] if n in dense.VOCAB_PARAMETERS else list(p.shape)
+        for n, p in dense.named_parameters()
+    }
+    have = {
+        k.removeprefix("model/"): [e["real"], *e["shape"][1:]] if "real" in e else e["shape"]
+        for k, e in meta["tensors"].items()
+        if k.startswith("model/")
+    }
     missing, extra = [n for n in want if n not in have], [n for n in have if n not in want]
-    wrong = [f"{n} is {have[n]} in the checkpoint but {want[n]} in this model"
-             for n in want if n in have and have[n] != want[n]]
-    issues = ([f"tensors missing from the checkpoint: {_few(missing)}"] if missing else []) + \
-             ([f"tensors not in this model: {_few(extra)}"] if extra else []) + \
-             ([f"tensor {_few(wrong, '; ')}"] if wrong else [])
+    wrong = [
+        f"{n} is {have[n]} in the checkpoint but {want[n]} in this model"
+        for n in want
+        if n in have and have[n] != want[n]
+    ]
+    issues = (
+        ([f"tensors missing from the checkpoint: {_few(missing)}"] if missing else [])
+        + ([f"tensors not in this model: {_few(extra)}"] if extra else [])
+        + ([f"tensor {_few(wrong, '; ')}"] if wrong else [])
+    )
     if issues:
-        diff = {k: (v, getattr(cfg.model, k)) for k, v in meta["model"].items()
-                if hasattr(cfg.model, k) and getattr(cfg.model, k) != v}
-        raise ConfigError(f"{ckpt_dir} holds a different model: {'; '.join(issues)}; "
-                          f"model flags differing (checkpoint, this run): {diff}")
+        diff = {
+            k: (v, getattr(cfg.model, k))
+            for k, v in meta["model"].items()
+            if hasattr(cfg.model, k) and getattr(cfg.model, k) != v
+        }
+        raise ConfigError(
+            f"{ckpt_dir} holds a different model: {'; '.join(issues)}; "
+            f"model flags differing (checkpoint, this run): {diff}"
+        )
 
 
 def verify_load_dir(path: str, ckpt_dir: str, cfg, vocab_size: int, log=print) -> str:
