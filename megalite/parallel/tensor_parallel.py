@@ -81,17 +81,17 @@ def _shard(t: torch.Tensor, dim: int, group) -> nn.Parameter:
 
 
 class _ParallelLinear(nn.Module):
-    split_dim: int  # dim of the dense [out, in] weight that is sharded
+    weight_split_dim: int  # dim of the dense [out, in] weight that is sharded
 
     def __init__(self, in_features, out_features, *, group, bias, sequence_parallel, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group, self.sequence_parallel = group, sequence_parallel
         shape = [out_features, in_features]
-        shape[self.split_dim] = _divide(
-            shape[self.split_dim],
+        shape[self.weight_split_dim] = _divide(
+            shape[self.weight_split_dim],
             dist.get_world_size(group),
-            f"{type(self).__name__} {('out', 'in')[self.split_dim]}_features",
+            f"{type(self).__name__} {('out', 'in')[self.weight_split_dim]}_features",
         )
         bound = 1 / math.sqrt(in_features)  # nn.Linear's default init, over the full fan-in
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
@@ -101,10 +101,10 @@ class _ParallelLinear(nn.Module):
         self._mark_params()
 
     def _mark_params(self):
-        self.weight.tp_split_dim = self.split_dim
+        self.weight.tp_split_dim = self.weight_split_dim
         if self.bias is None:
             return
-        if self.split_dim == 0:
+        if self.weight_split_dim == 0:
             self.bias.tp_split_dim = 0
         elif self.sequence_parallel:
             all_reduce_grad_hook(self.bias, self.group)
@@ -121,11 +121,11 @@ class _ParallelLinear(nn.Module):
             dtype=linear.weight.dtype,
             **kwargs,
         )
-        layer.weight = _shard(linear.weight, cls.split_dim, group)
+        layer.weight = _shard(linear.weight, cls.weight_split_dim, group)
         if linear.bias is not None:
             layer.bias = (
                 _shard(linear.bias, 0, group)
-                if cls.split_dim == 0
+                if cls.weight_split_dim == 0
                 else nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
             )
         layer._mark_params()
@@ -151,7 +151,7 @@ class ColumnParallelLinear(_ParallelLinear):
     read one input share one collective, as SwiGLU's gate and fc1 do.
     """
 
-    split_dim = 0
+    weight_split_dim = 0
 
     def __init__(
         self,
@@ -193,7 +193,7 @@ class RowParallelLinear(_ParallelLinear):
     ``[s/p, b, out]`` (reduce-scattered along dim 0). The bias is added after the reduction.
     """
 
-    split_dim = 1
+    weight_split_dim = 1
 
     def __init__(
         self,
