@@ -219,6 +219,18 @@ def test_inspect_lists_iteration_layout_and_sizes(ref):
     assert f"{sum(meta['files'].values()):,} bytes" in out
 
 
+def test_inspect_reads_a_checkpoint_with_model_fields_this_version_lacks(ref, tmp_path):
+    from megalite.training.inspect_ckpt import describe
+
+    _, ck, _ = ref
+    old = tmp_path / "iter_0000006"
+    shutil.copytree(os.path.join(ck, "iter_0000006"), old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["model"]["a_field_since_removed"] = 1
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert any("layout: TP=2 CP=2 DP=1" in line for line in describe(str(old)))
+
+
 class _ColumnScale(nn.Module):
     """A sharded layer megalite has never heard of: its weight is split along dim 1 over TP."""
 

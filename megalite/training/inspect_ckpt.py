@@ -8,6 +8,7 @@ the checksums of the checkpoint it describes (reading its files), as a run's --l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -34,7 +35,8 @@ def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
     params = sum(
         math.prod(e["shape"][1:]) * e.get("real", e["shape"][0]) for k, e in t.items() if k.startswith("model/")
     )
-    groups = ModelConfig(**m).num_kv_heads
+    known = {f.name for f in dataclasses.fields(ModelConfig)}  # a checkpoint may predate or outlive a field
+    groups = ModelConfig(**{k: v for k, v in m.items() if k in known}).num_kv_heads
     lines = [
         f"{ckpt_dir}:",
         f"  iteration {meta['iteration']}, consumed samples {meta['consumed_samples']}, "
