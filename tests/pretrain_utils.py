@@ -70,6 +70,15 @@ def torchrun(tmp_path, name, argv, **env):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
 
 
+def run_pretrain(tmp_path, ranks, argv, script=None, timeout=600, **env):
+    """Run pretrain.py (or ``script``) to its end under torchrun on ``ranks`` CPU ranks; returns
+    the CompletedProcess (output captured as text)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    cmd += [script or os.path.join(ROOT, "pretrain.py"), *TINY, *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, *sys.path]), **env)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
 def output(tmp_path, name):
     return (tmp_path / f"{name}.log").read_text()
 

@@ -8,14 +8,13 @@ megalite.distributed.shutdown. A race like that hides from a single run, hence t
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 import weakref
 
 import pytest
 import torch.distributed as dist
 from multiproc import run_ranks
-from pretrain_utils import ROOT, TINY, losses
+from pretrain_utils import TINY, losses, run_pretrain
 
 from megalite import distributed
 from megalite.parallel.dims import ParallelDims
@@ -46,23 +45,8 @@ ABORTED = ("terminate called", "SIGABRT", "Signal 6", "exitcode  : -6", "Fatal P
 
 def torchrun(tmp_path, name, ranks, argv, script=None, timeout=240):
     """Run pretrain.py (or `script`) under torchrun; returns (exit code, output)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(ranks),
-        script or os.path.join(ROOT, "pretrain.py"),
-        *TINY,
-        *SHORT,
-        *argv,
-        "--log-dir",
-        str(tmp_path / name),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, *sys.path]))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+        done = run_pretrain(tmp_path, ranks, [*SHORT, *argv, "--log-dir", str(tmp_path / name)], script, timeout)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{name}: hung for {timeout}s\n{exc.stdout}\n{exc.stderr}")
     return done.returncode, done.stdout + done.stderr

@@ -4,13 +4,11 @@ stops after --max-skipped-steps skips in a row, and no checkpoint is written wit
 import copy
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from multiproc import run_ranks
-from pretrain_utils import ROOT, TINY, losses, train
+from pretrain_utils import TINY, losses, run_pretrain, train
 
 from megalite.parallel.parallelize import unwrap
 from megalite.training import checkpoint, loop
@@ -131,30 +129,8 @@ def test_checkpoint_with_nonfinite_values_is_refused_on_every_rank(tmp_path, cor
 
 def test_absurd_lr_stops_after_max_skipped_steps_naming_the_iteration(tmp_path, corpus, record_property):
     ck = tmp_path / "ck"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        os.path.join(ROOT, "pretrain.py"),
-        *TINY,
-        *corpus,
-        *FLAGS,
-        "--train-iters",
-        "10",
-        "--lr",
-        "1e30",
-        "--max-skipped-steps",
-        "3",
-        "--save",
-        str(ck),
-        "--save-interval",
-        "1",
-    ]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    argv = [*corpus, *FLAGS, "--train-iters", "10", "--lr", "1e30", "--max-skipped-steps", "3"]
+    proc = run_pretrain(tmp_path, 2, argv + ["--save", str(ck), "--save-interval", "1"])
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     # lr 1e30: the first update leaves huge but finite weights, whose loss overflows from then on.

@@ -12,7 +12,7 @@ import sysconfig
 import numpy as np
 import pytest
 import torch.distributed as dist
-from pretrain_utils import ROOT, TINY, losses, train
+from pretrain_utils import ROOT, TINY, losses, run_pretrain, train
 
 from megalite.config import ConfigError
 from megalite.data import indexed
@@ -59,23 +59,10 @@ def test_resume_is_bitwise_identical(tmp_path, corpus):
 
 
 def test_pretrain_py_under_torchrun_default_corpus(tmp_path):
-    env = dict(os.environ, MEGALITE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     save = tmp_path / "save"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        os.path.join(ROOT, "pretrain.py"),
-        *TINY,
-        "--train-iters",
-        "3",
-        "--save",
-        str(save),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_pretrain(
+        tmp_path, 2, ["--train-iters", "3", "--save", str(save)], MEGALITE_CACHE=str(tmp_path / "cache")
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "default corpus" in proc.stdout + proc.stderr
     records = losses(save)
