@@ -11,8 +11,9 @@ are intact.
 
     python benchmarks/bench_faults.py [--rows nonfinite bad-data] [--repeats N] [--update-readme]
 
-Writes benchmarks/results/faults.json and faults.md and prints the table; --update-readme also
-replaces the table in README.md's "Faults tried" section.
+Writes benchmarks/results/faults.json and faults.md and prints the table (with --rows, the saved
+results of the rows not run are kept); --update-readme also replaces the table in README.md's
+"Faults tried" section.
 """
 
 from __future__ import annotations
@@ -128,6 +129,16 @@ def update_readme(md: str) -> None:
         fh.write(text[: start + len(README_START)] + "\n" + md + text[end:])
 
 
+def merged(results: list[dict]) -> list[dict]:
+    """``results`` plus the saved rows that were not run this time (``--rows`` runs a subset), in table order."""
+    saved = {}
+    if os.path.exists(os.path.join(RESULTS, "faults.json")):
+        with open(os.path.join(RESULTS, "faults.json")) as fh:
+            saved = {r["id"]: r for r in json.load(fh)["rows"]}
+    saved.update({r["id"]: r for r in results})
+    return [saved[row_id] for row_id in ROWS if row_id in saved]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run (default: all)")
@@ -144,6 +155,7 @@ def main() -> None:
                 f"{row_id}: " + (f"{r['passed']}/{r['runs']} runs passed" if r["runs"] else "not yet tested"),
                 flush=True,
             )
+    results = merged(results)
     md = table(results)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "faults.json"), "w") as fh:

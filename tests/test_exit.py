@@ -53,7 +53,7 @@ def torchrun(tmp_path, name, ranks, argv, script=None, timeout=240):
 
 
 @pytest.mark.fault("clean-exit-soak")
-def test_soak_finished_runs_exit_zero(tmp_path, corpus):
+def test_soak_finished_runs_exit_zero(tmp_path, corpus, record_property):
     failures = []
     for i in range(SOAK_RUNS):
         ranks, flags = LAYOUTS[i % len(LAYOUTS)]
@@ -64,14 +64,18 @@ def test_soak_finished_runs_exit_zero(tmp_path, corpus):
         elif losses(tmp_path / f"run{i}")[-1]["iteration"] != 2:
             failures.append(f"run {i}: metrics.jsonl incomplete")
     assert not failures, f"{len(failures)} of {SOAK_RUNS} runs failed:\n" + "\n".join(failures)
+    record_property(
+        "observed", f"{SOAK_RUNS} of {SOAK_RUNS} pretrain.py runs (DP2, TP2, CP2, TP2xCP2+SP, TP2xDP2) exited 0"
+    )
 
 
 @pytest.mark.fault("clean-exit-soak")
-def test_config_error_exits_nonzero_with_its_message(tmp_path, corpus):
+def test_config_error_exits_nonzero_with_its_message(tmp_path, corpus, record_property):
     for _ in range(3):
         code, out = torchrun(tmp_path, "bad", 2, corpus + ["--context-parallel-size", "3"])
         assert code != 0 and "world size 2 is not divisible" in out, out[-3000:]
         assert not any(s in out for s in ABORTED), out[-3000:]
+    record_property("observed", "a config error, 3 runs: each exits non-zero with its message, no abort")
 
 
 RAISE_ON_RANK_1 = """
@@ -92,13 +96,17 @@ RAISE_ON_RANK_1 = """
 
 
 @pytest.mark.fault("clean-exit-soak")
-def test_exception_on_one_rank_exits_nonzero_without_hang(tmp_path, corpus):
+def test_exception_on_one_rank_exits_nonzero_without_hang(tmp_path, corpus, record_property):
     script = tmp_path / "raising.py"
     script.write_text(textwrap.dedent(RAISE_ON_RANK_1))
     for layout in (["--tensor-parallel-size", "2"], ["--context-parallel-size", "2"]):
         code, out = torchrun(tmp_path, "raise", 2, corpus + layout, script=str(script))
         assert code != 0 and "RuntimeError: injected failure on rank 1" in out, out[-3000:]
         assert not any(s in out for s in ABORTED), out[-3000:]
+    record_property(
+        "observed",
+        "an exception raised on rank 1 (TP2, then CP2): both runs exit non-zero with its traceback, no abort or hang",
+    )
 
 
 def _groups_die(rank, world, argv):
@@ -128,7 +136,7 @@ def test_shutdown_leaves_no_process_group_alive(tmp_path, corpus, layout):
 
 
 @pytest.mark.fault("clean-exit-soak")
-def test_data_error_exits_2_with_the_file_named(tmp_path, corpus):
+def test_data_error_exits_2_with_the_file_named(tmp_path, corpus, record_property):
     data, tok = corpus[corpus.index("--data-path") + 1], corpus[corpus.index("--tokenizer-model") + 1]
     for ext in (".bin", ".idx"):
         shutil.copy(data + ext, tmp_path / f"short{ext}")
@@ -139,3 +147,4 @@ def test_data_error_exits_2_with_the_file_named(tmp_path, corpus):
     assert code != 0 and "short.bin" in out and "megalite: error:" in out, out[-3000:]
     assert "exitcode  : 2" in out and "DatasetFormatError" not in out, out[-3000:]  # a message, not a traceback
     assert not any(s in out for s in ABORTED), out[-3000:]
+    record_property("observed", "a truncated .bin: exit 2 with the message naming it, no traceback, no abort")
