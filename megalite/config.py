@@ -326,8 +326,14 @@ def validate(cfg: Config) -> None:
 
         if not attention.flash_attn_available():
             raise ConfigError(
-                "--use-flash-attn given but flash-attn is not installed; "
-                "pip install flash-attn, or drop the flag to use torch kernels"
+                f"--use-flash-attn given but flash-attn is not installed or cannot be used "
+                f"({attention.flash_attn_problem()}); pip install flash-attn 2.5-2.8 built for this torch, "
+                "or drop the flag to use torch kernels"
+            )
+        if not attention.fused_head_dim_ok(m.head_dim):
+            raise ConfigError(
+                f"--use-flash-attn needs a head dim that is a multiple of 8 and <= 256 (got {m.head_dim}); "
+                "change --kv-channels (or --hidden-size / --num-attention-heads), or drop the flag"
             )
     tp = p.tensor_parallel_size
     for name, val in [

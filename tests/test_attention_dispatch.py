@@ -32,6 +32,13 @@ TABLE = [  # device, dtype, head dim, flash-attn installed, required (--use-flas
     ("cuda", bf16, 264, False, False, True, "math"),  # above 256
     ("cuda", bf16, 12, False, False, False, "sdpa"),
     ("cuda", bf16, 64, False, False, False, "sdpa"),
+    # flash-attn installed, but a head dim its direct backward cannot run: the same rule as torch's kernel
+    ("cuda", bf16, 264, True, False, True, "math"),
+    ("cuda", bf16, 264, True, False, False, "sdpa"),
+    ("cuda", fp16, 12, True, False, True, "math"),
+    ("cuda", bf16, 12, True, False, False, "sdpa"),
+    ("cuda", bf16, 256, True, False, True, "flash_attn"),
+    ("cuda", bf16, 8, True, False, False, "flash_attn"),
 ]
 
 
@@ -49,9 +56,9 @@ def test_probe_runs_only_where_it_can_change_the_answer(monkeypatch):
         raise AssertionError("flash-attn probed for inputs it cannot take")
 
     monkeypatch.setattr(attention, "flash_attn_available", probe)
-    for device, dtype in [("cpu", bf16), ("cpu", fp32), ("cuda", fp32)]:
-        attention.choose_backend(device, dtype, 64, need_lse=False)
-        attention.choose_backend(device, dtype, 64, need_lse=True)
+    for device, dtype, head_dim in [("cpu", bf16, 64), ("cpu", fp32, 64), ("cuda", fp32, 64), ("cuda", bf16, 264)]:
+        attention.choose_backend(device, dtype, head_dim, need_lse=False)
+        attention.choose_backend(device, dtype, head_dim, need_lse=True)
     q, k = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16)  # the model's path on CPU never probes
     out = attention.causal_attention(q, k, k)
     want = torch.nn.functional.scaled_dot_product_attention(

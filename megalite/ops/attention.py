@@ -15,8 +15,9 @@ every block of the row was merged). Then P = exp(q k^T * scale - lse) is the row
 probability restricted to this block, and the per-block gradients add up to the exact gradient.
 
 Block backends:
-  flash_attn  flash-attn's kernels (CUDA, fp16/bf16), used when the package is installed;
-  torch_cuda  torch's bundled flash kernel (CUDA, fp16/bf16, head_dim % 8 == 0, <= 256);
+  flash_attn  flash-attn 2.5-2.8's kernels (CUDA, fp16/bf16, head dim % 8 == 0, <= 256), used
+              when the package imports;
+  torch_cuda  torch's bundled flash kernel (CUDA, fp16/bf16, head dim % 8 == 0, <= 256);
   torch_cpu   torch's CPU flash kernel (fp32, bf16, fp64); GQA natively where the kernel has it;
   math        plain einsum reference in fp32/fp64 (tests; fp32 on CUDA). Materialises Sq x Sk.
 The aten ops used here exist with these signatures in torch 2.4 through 2.13.
@@ -25,14 +26,15 @@ The aten ops used here exist with these signatures in torch 2.4 through 2.13.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import inspect
+import logging
+import re
 
 import torch
 import torch.nn.functional as F
 
 aten = torch.ops.aten
 HALF = (torch.float16, torch.bfloat16)
+log = logging.getLogger(__name__)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,9 +42,16 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def fused_head_dim_ok(head_dim: int) -> bool:
+    """The head dims both fused CUDA kernels run: torch's flash kernel, and flash-attn's backward
+    called directly (flash_attn_func pads odd dims itself, its raw backward does not)."""
+    return head_dim % 8 == 0 and head_dim <= 256
+
+
 def fused_kernel_fits(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether torch's CUDA flash kernel takes these inputs: fp16/bf16, head dim a multiple of 8, <= 256."""
-    return dtype in HALF and head_dim % 8 == 0 and head_dim <= 256
+    """The one eligibility rule for flash-attn and torch's CUDA flash kernel: fp16/bf16 inputs and
+    ``fused_head_dim_ok``."""
+    return dtype in HALF and fused_head_dim_ok(head_dim)
 
 
 def _check(q, k, causal):
@@ -180,24 +189,64 @@ class TorchCUDABackend:
         return tuple(t.transpose(1, 2) for t in grads)
 
 
+def flash_attn_backward_kwargs(version: tuple[int, int]) -> dict:
+    """Keyword arguments of flash-attn's private ``_flash_attn_backward`` beyond the tensors,
+    dropout, scale and causal flag, per release (no window, no softcap, no ALiBi). From 2.7 the
+    function is a torch custom op whose Python signature reads (*args, **kwargs), so the
+    parameters are listed per version here rather than read from it."""
+    common = {"alibi_slopes": None, "deterministic": False, "rng_state": None}
+    if version >= (2, 7):  # 2.7 and 2.8: the window split into two ints
+        return {"window_size_left": -1, "window_size_right": -1, "softcap": 0.0, **common}
+    if version >= (2, 6):
+        return {"window_size": (-1, -1), "softcap": 0.0, **common}
+    return {"window_size": (-1, -1), **common}  # 2.5
+
+
+MIN_FLASH_ATTN = (2, 5)
+
+
+def _import_flash_attn():
+    """(flash_attn_func, _flash_attn_backward, (major, minor)); raises ImportError (or the
+    OSError of a build that does not match the installed torch/CUDA) when unusable."""
+    import flash_attn
+    from flash_attn import flash_attn_func
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+
+    found = re.match(r"(\d+)\.(\d+)", getattr(flash_attn, "__version__", ""))
+    version = (int(found[1]), int(found[2])) if found else (0, 0)
+    if not MIN_FLASH_ATTN <= version < (3, 0):
+        raise ImportError(f"flash-attn {getattr(flash_attn, '__version__', '?')} found; megalite supports 2.5 to 2.8")
+    return flash_attn_func, _flash_attn_backward, version
+
+
+@functools.cache
+def flash_attn_problem() -> str | None:
+    """Why flash-attn cannot be used here, or None when it imports with what megalite calls."""
+    try:
+        _import_flash_attn()
+    except (ImportError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.cache
+def flash_attn_available() -> bool:
+    """The one probe for the optional flash-attn package (tests replace it to cover both answers).
+    Says once in the log when it falls back to torch's kernels."""
+    problem = flash_attn_problem()
+    if problem:
+        log.warning("flash-attn not used (%s); attention runs on torch's kernels", problem)
+    return problem is None
+
+
 class FlashAttnBackend:
-    """The flash-attn package (CUDA, fp16/bf16), layout (B, S, H, D) natively.
-    Its private backward changed signature across 2.x releases, so keyword arguments are
-    matched against the installed one."""
+    """The flash-attn package (CUDA, fp16/bf16), layout (B, S, H, D) natively."""
 
     name = "flash_attn"
 
     def __init__(self):
-        from flash_attn import flash_attn_func
-        from flash_attn.flash_attn_interface import _flash_attn_backward
-
-        self._fwd, self._bwd = flash_attn_func, _flash_attn_backward
-        params = inspect.signature(_flash_attn_backward).parameters
-        window = (
-            {"window_size": (-1, -1)} if "window_size" in params else {"window_size_left": -1, "window_size_right": -1}
-        )
-        extra = {"softcap": 0.0, "alibi_slopes": None, "deterministic": False, "rng_state": None, **window}
-        self._bwd_kwargs = {n: val for n, val in extra.items() if n in params}
+        self._fwd, self._bwd, version = _import_flash_attn()
+        self._bwd_kwargs = flash_attn_backward_kwargs(version)
 
     def forward(self, q, k, v, causal, scale):
         _check(q, k, causal)
@@ -232,12 +281,6 @@ _BACKENDS = {
 }
 
 
-@functools.cache
-def flash_attn_available() -> bool:
-    """The one probe for the optional flash-attn package (tests replace it to cover both answers)."""
-    return importlib.util.find_spec("flash_attn") is not None
-
-
 def choose_backend(
     device: torch.device | str,
     dtype: torch.dtype,
@@ -249,8 +292,8 @@ def choose_backend(
     """The one decision of which kernel computes attention.
 
     ``require_flash_attn`` (--use-flash-attn): always flash-attn; config validation has already
-    refused the flag where flash-attn cannot run. Otherwise flash-attn when it is installed and
-    the inputs are CUDA fp16/bf16, and else, by ``need_lse`` (context-parallel blocks merge
+    refused the flag where flash-attn cannot run. Otherwise flash-attn when it imports and the
+    inputs are CUDA and ``fused_kernel_fits``, and else, by ``need_lse`` (context-parallel blocks merge
     through their log-sum-exp, so they need kernels that return it):
       need_lse=False  "sdpa": torch's scaled_dot_product_attention, which picks its own kernel;
       need_lse=True   "torch_cpu" on CPU; on CUDA "torch_cuda" where ``fused_kernel_fits``,
@@ -259,8 +302,8 @@ def choose_backend(
     device = torch.device(device)
     if require_flash_attn:
         return "flash_attn"
-    # The probe only runs for CUDA half inputs: elsewhere the answer cannot change the choice.
-    if device.type == "cuda" and dtype in HALF and flash_attn_available():
+    # The probe only runs for inputs flash-attn could take: elsewhere it cannot change the choice.
+    if device.type == "cuda" and fused_kernel_fits(dtype, head_dim) and flash_attn_available():
         return "flash_attn"
     if not need_lse:
         return "sdpa"
@@ -279,11 +322,15 @@ def get_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtyp
         raise ValueError(f"unknown attention backend {name!r}; choose auto or one of {sorted(_BACKENDS)}")
     if name == "flash_attn" and not flash_attn_available():
         raise RuntimeError(
-            "attention backend flash_attn requested but flash-attn is not installed; "
-            "pip install flash-attn, or use the torch kernels (--use-flash-attn off)"
+            f"attention backend flash_attn requested but flash-attn cannot be used ({flash_attn_problem()}); "
+            "pip install flash-attn 2.5-2.8 built for this torch, or use the torch kernels (--use-flash-attn off)"
         )
     if name in ("flash_attn", "torch_cuda") and (device.type != "cuda" or not half):
         raise ValueError(f"attention backend {name} needs CUDA fp16/bf16 tensors (got {device.type} {dtype})")
+    if name in ("flash_attn", "torch_cuda") and not fused_head_dim_ok(head_dim):
+        raise ValueError(
+            f"attention backend {name} needs a head dim that is a multiple of 8 and <= 256 (got {head_dim})"
+        )
     return _BACKENDS[name]()
 
 
