@@ -42,10 +42,19 @@ def resolve_device(cfg: Config, local_rank: int) -> torch.device:
 
 
 def check_bf16(device: torch.device) -> None:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """Refuse --bf16 on a GPU without bf16 tensor-core kernels (compute capability below 8.0).
+
+    torch.cuda.is_bf16_supported() counts emulation, so it is true on V100 and T4, whose fused
+    attention kernels then fail mid-step. Call after set_device: this asks about ``device``, the
+    rank's own GPU, not device 0."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
         raise ConfigError(
-            f"--bf16 given but {torch.cuda.get_device_name(device)} has no bf16 support; "
-            "drop --bf16 (fp32) or use an Ampere-or-newer GPU"
+            f"--bf16 given but {device} ({torch.cuda.get_device_name(device)}, compute capability "
+            f"{major}.{minor}) has no bf16 kernels, which need 8.0 or newer; drop --bf16 (fp32) "
+            "or use an Ampere-or-newer GPU"
         )
 
 
@@ -55,8 +64,10 @@ def init(cfg: Config) -> torch.device:
     rank, world = launch_env()
     local_rank = int(env.get("LOCAL_RANK", 0))
     device = resolve_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # first, so that every later query is about this rank's GPU
     if cfg.train.bf16:
-        check_bf16(device)
+        check_bf16(device)  # before the process group: nothing has communicated yet
     backend = cfg.parallel.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
@@ -65,8 +76,6 @@ def init(cfg: Config) -> torch.device:
             "--distributed-backend gloo cannot run megalite's send/recv and flat collectives on "
             "CUDA tensors; use nccl on GPUs (or --device cpu)"
         )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     timeout = timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         if "MASTER_ADDR" in env:

@@ -10,7 +10,6 @@ from pretrain_utils import ROOT
 
 from megalite import config as C
 from megalite.config import ConfigError
-from megalite.distributed import check_bf16
 from megalite.ops import attention
 from megalite.training.checkpoint import resolve_load_dir
 from megalite.training.main import main, validate_world
@@ -211,11 +210,47 @@ def test_load_path_errors(tmp_path):
         resolve_load_dir(str(tmp_path))
 
 
-def test_bf16_unsupported_device_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
-    with pytest.raises(ConfigError, match="Tesla V100 has no bf16 support"):
-        check_bf16(torch.device("cuda", 0))
+@pytest.mark.parametrize("local_rank,gpus", [(1, {0: "A100", 1: "V100"}), (0, {0: "T4"})])
+def test_bf16_refused_on_the_ranks_own_gpu_before_any_communication(monkeypatch, local_rank, gpus):
+    """A rank whose GPU lacks bf16 kernels is refused after set_device and before the process group,
+    even though torch.cuda.is_bf16_supported() (emulation included) says yes and device 0 is fine."""
+    from megalite import distributed
+
+    specs = {"A100": (8, 0), "V100": (7, 0), "T4": (7, 5)}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"Tesla {gpus[d.index]}")
+
+    def capability(d=None):
+        calls.append(("capability", d))
+        return specs[gpus[d.index]]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: calls.append(("init", a)))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    name, (major, minor) = gpus[local_rank], specs[gpus[local_rank]]
+    with pytest.raises(ConfigError, match=rf"cuda:{local_rank} \(Tesla {name}, compute capability {major}\.{minor}\)"):
+        distributed.init(C.parse(["--bf16"]))
+    mine = torch.device("cuda", local_rank)
+    assert calls == [("set_device", mine), ("capability", mine)]
+
+
+def test_bf16_accepted_on_ampere(monkeypatch):
+    from megalite import distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: calls.append(a[0]))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.init(C.parse(["--bf16"])) == torch.device("cuda", 0) and calls == ["nccl"]
 
 
 def test_gpu_launch_mistakes_are_refused(monkeypatch):
@@ -224,6 +259,7 @@ def test_gpu_launch_mistakes_are_refused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     with pytest.raises(ConfigError, match="local rank 1 but only 1 GPUs are visible"):
         distributed.resolve_device(C.parse([]), 1)
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -68,7 +68,8 @@ def test_pretrain_py_under_torchrun_default_corpus(tmp_path):
     records = losses(save)
     assert [r["iteration"] for r in records] == [1, 2, 3]
     assert all({"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in records)
-    assert "lm loss:" in proc.stdout and "tokens/s:" in proc.stdout
+    assert all(r["tflops_per_device_full_attn"] > r["tflops_per_device"] > 0 for r in records)
+    assert "lm loss:" in proc.stdout and "tokens/s:" in proc.stdout and "MFU peak unknown on cpu" in proc.stdout
     assert sorted(os.listdir(save / "iter_0000003")) == ["meta.json", "rank_00000.pt", "rank_00001.pt"]
 
 

@@ -39,7 +39,8 @@ class TrainSetup:
     dims: ParallelDims
     cfg: Config
     device: torch.device
-    flops_per_token: float  # model FLOPs of one training token, forward + backward (for TFLOP/s and MFU)
+    flops_per_token: float  # model FLOPs of one training token, forward + backward, causal (for MFU)
+    flops_per_token_full_attn: float  # the same over the full attention square (other systems' convention)
 
 
 @dataclass
@@ -166,6 +167,7 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
     t, ck = cfg.train, cfg.checkpoint
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     flops_step = setup.flops_per_token * tokens_per_step
+    flops_step_full_attn = setup.flops_per_token_full_attn * tokens_per_step
     peak = logger.peak if logger else None
     if ck.exit_signal_handler:
         _install_exit_handler(state)
@@ -188,7 +190,8 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
         record = None
         if logger:
             elapsed = time.perf_counter() - t_start
-            tflops = flops_step / step_time / dims.world_size / 1e12
+            per_device = step_time * dims.world_size * 1e12
+            tflops = flops_step / per_device
             record = {
                 "iteration": state.iteration,
                 "train_iters": t.train_iters,
@@ -201,6 +204,7 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
                 "tokens_per_sec": tokens_per_step / step_time,
                 "step_time": step_time,
                 "tflops_per_device": tflops,
+                "tflops_per_device_full_attn": flops_step_full_attn / per_device,
                 "mfu": tflops / peak if peak else None,
                 "mem_gib": memory_gib(device),
                 "eta_s": elapsed / (state.iteration - start_iter) * (stop_at - state.iteration),

@@ -124,15 +124,11 @@ def main(argv=None) -> int:
     logger = None
     if dims.is_logger:
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or "runs"
-        logger = MetricsLogger(
-            log_dir,
-            cfg,
-            {k: dataclasses.asdict(v) for k, v in vars(cfg).items()},
-            peak=peak_tflops(device, cfg.train.peak_tflops),
-        )
+        peak, peak_source = peak_tflops(device, cfg.train.peak_tflops)
+        logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()}, peak=peak)
         print(
             f"megalite: {dims.describe()} on {device.type}; model {n_params / 1e6:.1f}M params; "
-            f"vocab {vocab}; data {prefix}; metrics -> {logger.path}"
+            f"vocab {vocab}; data {prefix}; MFU peak {peak_source}; metrics -> {logger.path}"
             + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""),
             flush=True,
         )
@@ -145,6 +141,7 @@ def main(argv=None) -> int:
         cfg,
         device,
         flops_per_token(cfg.model, n_matmul, cfg.model.seq_length),
+        flops_per_token(cfg.model, n_matmul, cfg.model.seq_length, full_attention=True),
     )
     try:
         train(setup, state, logger)

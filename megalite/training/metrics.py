@@ -7,33 +7,56 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import time
 
 import torch
 
-# Dense bf16 peak TFLOP/s by device-name fragment, for MFU when --peak-tflops is not given.
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# Dense (no 2:4 sparsity) bf16 tensor-core peak TFLOP/s per GPU model, from the vendor datasheets
+# (which print twice these, with sparsity). A row matches when all its words are words of the
+# device name; the first match wins, so a variant (PCIe, NVL) comes before its SXM base name.
+KNOWN_PEAK_TFLOPS = (
+    (("H100", "NVL"), "H100 NVL", 835.0),
+    (("H100", "PCIe"), "H100 PCIe", 756.0),
+    (("H100",), "H100 SXM", 989.0),
+    (("GH200",), "GH200", 989.0),
+    (("H200", "NVL"), "H200 NVL", 835.0),
+    (("H200",), "H200 SXM", 989.0),
+    (("A100",), "A100", 312.0),
+    (("L40S",), "L40S", 362.0),
+    (("L40",), "L40", 181.0),
+    (("A10G",), "A10G", 70.0),
+    (("A10",), "A10", 125.0),
+)
 
 
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
+def peak_tflops(device: torch.device, given: float | None) -> tuple[float | None, str]:
+    """(device peak TFLOP/s for MFU, where it came from), the peak None when it is unknown."""
     if given:
-        return given
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
-    return None
+        return given, f"{given:g} TFLOP/s from --peak-tflops"
+    if device.type != "cuda":
+        return None, "unknown on cpu"
+    name = torch.cuda.get_device_name(device)
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    for need, model, peak in KNOWN_PEAK_TFLOPS:
+        if words.issuperset(w.upper() for w in need):
+            return peak, f"{peak:g} TFLOP/s ({model}, dense bf16)"
+    return None, f"unknown for {name}; give --peak-tflops"
 
 
-def flops_per_token(model_cfg, matmul_params: int, seq_len: int) -> float:
+def flops_per_token(model_cfg, matmul_params: int, seq_len: int, full_attention: bool = False) -> float:
     """Model FLOPs of one training token, forward + backward, counting matmuls only (the MFU convention):
     6 N for the N weights that multiply activations (2 forward, 4 backward; lookup tables, norm gains
-    and biases are not matmuls, see ``GPT.num_params(matmul_only=True)``), plus 12 L s (heads x
-    head_dim) for the attention scores and their weighted sum over the full s x s square (causal
-    masking not discounted, as Megatron-LM and PaLM count). Recomputed activations are not counted."""
+    and biases are not matmuls, see ``GPT.num_params(matmul_only=True)``), plus the attention scores
+    and their weighted sum: 12 L s (heads x head_dim) over the full s x s square, or half that by
+    default, the causal triangle the attention kernels compute. ``full_attention`` gives the
+    Megatron-LM / PaLM convention for comparing with systems that report it. Recomputed activations
+    are not counted."""
     attn_width = model_cfg.num_attention_heads * model_cfg.head_dim
-    return 6.0 * matmul_params + 12.0 * model_cfg.num_layers * attn_width * seq_len
+    attention = 12.0 * model_cfg.num_layers * attn_width * seq_len
+    return 6.0 * matmul_params + (attention if full_attention else attention / 2)
 
 
 def memory_gib(device: torch.device) -> float:
