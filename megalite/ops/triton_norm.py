@@ -1,7 +1,7 @@
 """Fused LayerNorm / RMSNorm in Triton: forward, backward, optional fused residual add.
 
 Rows are the flattened leading dims of ``x`` ([..., N] -> [M, N]); each forward program owns one
-row and keeps it in registers, so N is limited to ``MAX_HIDDEN``. Statistics (mean, 1/std) are
+row and keeps it in registers, or, past ``ROW_IN_REGISTERS``, walks it in column chunks. Statistics (mean, 1/std) are
 computed and saved in fp32 whatever the input dtype; outputs are rounded once at the end.
 
 Backward, with x_hat = (x - mean) * rstd (RMSNorm: x * rstd) and g = w * dy:
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-MAX_HIDDEN = 65536  # one row per program, held in registers
+MAX_HIDDEN = 65536  # the widest row tested (tests/test_norm.py)
 
 
 @triton.jit
@@ -126,13 +126,137 @@ def _norm_bwd(
         tl.store(db_ptr + pid * N + cols, db, mask=mask)
 
 
+# Wide rows. The register file is 64K 32-bit registers per SM (sm_80 to sm_90) and the backward
+# above keeps about eight fp32 values live per row element (x, dy, w, x_hat, g, dx, dw, db), so a
+# whole row fits only while 8 * BLOCK_N <= 65536. Wider rows loop over CHUNK-column blocks
+# instead, re-reading the row from memory (it stays in L2) for each pass.
+ROW_IN_REGISTERS = 8192
+CHUNK = 4096
+
+
+@triton.jit
+def _norm_fwd_chunked(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    sum_ptr,
+    mean_ptr,
+    rstd_ptr,
+    N,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """_norm_fwd in passes over column chunks: (sum and) mean, centred variance, normalize."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s = (x + tl.load(res_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)).to(
+                sum_ptr.dtype.element_ty
+            )
+            tl.store(sum_ptr + row * N + cols, s, mask=mask)  # later passes read it back (same thread)
+            x = s.to(tl.float32)
+        acc += x
+    src_ptr = sum_ptr if HAS_RESIDUAL else x_ptr
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.sum(acc, axis=0) / N
+        tl.store(mean_ptr + row, mean)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):  # centred sum of squares: no cancellation at a large mean
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        xc = tl.where(mask, tl.load(src_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+        acc += xc * xc
+    rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+    tl.store(rstd_ptr + row, rstd)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(src_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_chunked(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dsum_ptr,
+    dx_ptr,
+    dw_ptr,  # [programs, N] fp32, zeroed: each program accumulates into its own row of it
+    db_ptr,
+    M,
+    N,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """_norm_bwd with each row in two passes over column chunks: the row sums of g * x_hat and g,
+    then dx. The partial dw / db live in the program's row of the buffer, not in registers."""
+    pid = tl.program_id(0).to(tl.int64)
+    start_row = pid * rows_per_program
+    for row in range(start_row, tl.minimum(start_row + rows_per_program, M)):
+        rstd = tl.load(rstd_ptr + row)
+        mean = 0.0 if IS_RMS else tl.load(mean_ptr + row)
+        acc_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x_hat = tl.where(
+                mask, (tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0
+            )
+            g = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(
+                dy_ptr + row * N + cols, mask=mask, other=0.0
+            ).to(tl.float32)
+            acc_gx += g * x_hat
+            acc_g += g
+        c1 = tl.sum(acc_gx, axis=0) / N
+        c2 = 0.0 if IS_RMS else tl.sum(acc_g, axis=0) / N
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x_hat = tl.where(
+                mask, (tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0
+            )
+            dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            dx = (tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * dy - c1 * x_hat - c2) * rstd
+            if HAS_DSUM:
+                dx += tl.load(dsum_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            part = pid * N + cols
+            tl.store(dw_ptr + part, tl.load(dw_ptr + part, mask=mask) + dy * x_hat, mask=mask)
+            if HAS_BIAS:
+                tl.store(db_ptr + part, tl.load(db_ptr + part, mask=mask) + dy, mask=mask)
+
+
 INTERPRETED = not isinstance(_norm_fwd, JITFunction)  # TRITON_INTERPRET=1 was set before import
 
 
-def _launch_config(n: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): enough warps that a row spreads to <= ~16 fp32 values a thread."""
+def _launch_config(n: int) -> tuple[int, int, bool]:
+    """(BLOCK_N, num_warps, chunked): enough warps that a block spreads to <= ~16 fp32 values a
+    thread; rows wider than ROW_IN_REGISTERS go through the chunked kernels in CHUNK blocks."""
     block = triton.next_power_of_2(n)
-    return block, min(max(block // 512, 4), 32)
+    chunked = block > ROW_IN_REGISTERS
+    if chunked:
+        block = CHUNK
+    return block, min(max(block // 512, 4), 32), chunked
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -181,9 +305,9 @@ class NormFunction(torch.autograd.Function):
         y = torch.empty(m, n, device=x.device, dtype=s2.dtype)
         mean = torch.empty(m, device=x.device, dtype=torch.float32)
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-        block, warps = _launch_config(n)
+        block, warps, chunked = _launch_config(n)
         if m:
-            _norm_fwd[(m,)](
+            (_norm_fwd_chunked if chunked else _norm_fwd)[(m,)](
                 x2,
                 r2,
                 weight,
@@ -202,7 +326,7 @@ class NormFunction(torch.autograd.Function):
             )
         ctx.save_for_backward(s2, weight, mean, rstd)
         ctx.shape, ctx.rms, ctx.has_bias, ctx.has_res = shape, rms, bias is not None, has_res
-        ctx.block, ctx.warps = block, warps
+        ctx.block, ctx.warps, ctx.chunked = block, warps, chunked
         ctx.set_materialize_grads(False)  # an unused sum output gives dsum = None: skip its load
         if has_res:
             return y.view(shape), s2.view(shape)
@@ -219,11 +343,13 @@ class NormFunction(torch.autograd.Function):
         dsum2 = dsum.reshape(m, n).contiguous() if has_dsum else dy2
         dx = torch.empty_like(x2)
         programs = _num_programs(m, ctx.warps, x2.device)  # 0 when there are no rows
-        # Every program writes its whole partial row (zeros when its block is empty): no memset.
-        dw = torch.empty(programs, n, device=x2.device, dtype=torch.float32)
-        db = torch.empty(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
+        # The one-pass kernel writes every program's whole partial row (zeros when its block is
+        # empty): no memset; the chunked one accumulates into it.
+        alloc = torch.zeros if ctx.chunked else torch.empty
+        dw = alloc(programs, n, device=x2.device, dtype=torch.float32)
+        db = alloc(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
         if m:
-            _norm_bwd[(programs,)](
+            (_norm_bwd_chunked if ctx.chunked else _norm_bwd)[(programs,)](
                 dy2,
                 x2,
                 weight,
