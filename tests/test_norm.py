@@ -127,7 +127,8 @@ def check_against_torch(kind, shape, dtype, residual):
 @pytest.mark.parametrize("shape", [(3, 32768), (2, 1, 65536)], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_wide_rows_take_the_chunked_kernels(kind, shape, dtype, residual):
-    assert tn._launch_config(shape[-1]) == (tn.CHUNK, 8, True)
+    for limit in (tn.FWD_ROW_IN_REGISTERS, tn.BWD_ROW_IN_REGISTERS):
+        assert tn._launch_config(shape[-1], limit) == (tn.CHUNK, 8, True)
     check_against_torch(kind, shape, dtype, residual)
 
 
@@ -136,12 +137,16 @@ def test_wide_rows_take_the_chunked_kernels(kind, shape, dtype, residual):
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("shape", [(5, 1023), (2, 3, 256), (7, 300)], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunked_kernels_at_small_widths(monkeypatch, kind, shape, dtype, residual):
-    """A small threshold and chunk force the chunked kernels onto a partial last chunk (1023, 300),
-    an exact one (256), and more rows than backward programs (partial dw summed over rows)."""
-    monkeypatch.setattr(tn, "ROW_IN_REGISTERS", 128)
+@pytest.mark.parametrize("fwd_limit", [128, 1024], ids=["both-chunked", "bwd-chunked"])
+def test_chunked_kernels_at_small_widths(monkeypatch, fwd_limit, kind, shape, dtype, residual):
+    """Small thresholds and chunk force the chunked kernels onto a partial last chunk (1023, 300),
+    an exact one (256), and more rows than backward programs (partial dw summed over rows); with
+    fwd_limit 1024 the one-pass forward's statistics feed the chunked backward."""
+    monkeypatch.setattr(tn, "FWD_ROW_IN_REGISTERS", fwd_limit)
+    monkeypatch.setattr(tn, "BWD_ROW_IN_REGISTERS", 128)
     monkeypatch.setattr(tn, "CHUNK", 256)
-    assert tn._launch_config(shape[-1])[::2] == (256, True)
+    assert tn._launch_config(shape[-1], tn.BWD_ROW_IN_REGISTERS)[::2] == (256, True)
+    assert tn._launch_config(shape[-1], fwd_limit)[2] == (fwd_limit == 128)
     check_against_torch(kind, shape, dtype, residual)
 
 
