@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from megalite.ops.triton_norm_wide import norm_bwd_chunked, norm_fwd_chunked
+
 MAX_HIDDEN = 65536  # the widest row tested (tests/test_norm.py)
 
 
@@ -128,125 +130,14 @@ def _norm_bwd(
 
 
 # Register budget: an SM has 64K 32-bit registers, so a program of W warps gets at most
-# 65536 / (32 * W) a thread. ptxas (sm_90, Triton 3.9) gives the one-pass backward ~16 registers a
-# thread per row element held (eight fp32 values plus 64-bit addresses and masks): 252 at BLOCK_N
-# 4096 / 8 warps, the whole file; at 8192 it spills. The forward needs about half and spills from
-# 32768. Wider rows loop over CHUNK-column blocks, re-reading the row (from L2) for each pass.
+# 65536 / (32 * W) a thread. ptxas (sm_90, Triton 3.9; benchmarks/norm_registers.py) gives the
+# one-pass backward ~16 registers a thread per row element held (eight fp32 values plus 64-bit
+# addresses and masks): 252 at BLOCK_N 4096 / 8 warps, the whole file; at 8192 it spills. The
+# forward needs about half and spills from 32768. Wider rows go to triton_norm_wide's kernels,
+# which loop over CHUNK-column blocks.
 FWD_ROW_IN_REGISTERS = 16384
 BWD_ROW_IN_REGISTERS = 4096
-CHUNK = 2048  # 8 warps, 8 values a thread: no spills, ~66 registers in the backward
-
-
-@triton.jit
-def _norm_fwd_chunked(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    b_ptr,
-    y_ptr,
-    sum_ptr,
-    mean_ptr,
-    rstd_ptr,
-    N,
-    eps,
-    IS_RMS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """_norm_fwd in passes over column chunks: (sum and) mean, centred variance, normalize."""
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = cols < N
-        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            s = (x + tl.load(res_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)).to(
-                sum_ptr.dtype.element_ty
-            )
-            tl.store(sum_ptr + row * N + cols, s, mask=mask)  # later passes read it back (same thread)
-            x = s.to(tl.float32)
-        acc += x
-    src_ptr = sum_ptr if HAS_RESIDUAL else x_ptr
-    mean = 0.0
-    if not IS_RMS:
-        mean = tl.sum(acc, axis=0) / N
-        tl.store(mean_ptr + row, mean)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):  # centred sum of squares: no cancellation at a large mean
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = cols < N
-        xc = tl.where(mask, tl.load(src_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
-        acc += xc * xc
-    rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
-    tl.store(rstd_ptr + row, rstd)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = cols < N
-        x = tl.load(src_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _norm_bwd_chunked(
-    dy_ptr,
-    x_ptr,
-    w_ptr,
-    mean_ptr,
-    rstd_ptr,
-    dsum_ptr,
-    dx_ptr,
-    dw_ptr,  # [programs, N] fp32, zeroed: each program accumulates into its own row of it
-    db_ptr,
-    M,
-    N,
-    rows_per_program,
-    IS_RMS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_DSUM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """_norm_bwd with each row in two passes over column chunks: the row sums of g * x_hat and g,
-    then dx. The partial dw / db live in the program's row of the buffer, not in registers."""
-    pid = tl.program_id(0).to(tl.int64)
-    start_row = pid * rows_per_program
-    for row in range(start_row, tl.minimum(start_row + rows_per_program, M)):
-        rstd = tl.load(rstd_ptr + row)
-        mean = 0.0 if IS_RMS else tl.load(mean_ptr + row)
-        acc_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            x_hat = tl.where(
-                mask, (tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0
-            )
-            g = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(
-                dy_ptr + row * N + cols, mask=mask, other=0.0
-            ).to(tl.float32)
-            acc_gx += g * x_hat
-            acc_g += g
-        c1 = tl.sum(acc_gx, axis=0) / N
-        c2 = 0.0 if IS_RMS else tl.sum(acc_g, axis=0) / N
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            x_hat = tl.where(
-                mask, (tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0
-            )
-            dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-            dx = (tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * dy - c1 * x_hat - c2) * rstd
-            if HAS_DSUM:
-                dx += tl.load(dsum_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            part = pid * N + cols
-            tl.store(dw_ptr + part, tl.load(dw_ptr + part, mask=mask) + dy * x_hat, mask=mask)
-            if HAS_BIAS:
-                tl.store(db_ptr + part, tl.load(db_ptr + part, mask=mask) + dy, mask=mask)
+CHUNK = 2048  # 8 warps, 8 values a thread: ~72 registers in the backward, no spills
 
 
 INTERPRETED = not isinstance(_norm_fwd, JITFunction)  # TRITON_INTERPRET=1 was set before import
@@ -309,7 +200,7 @@ class NormFunction(torch.autograd.Function):
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
         block, warps, chunked = _launch_config(n, FWD_ROW_IN_REGISTERS)
         if m:
-            (_norm_fwd_chunked if chunked else _norm_fwd)[(m,)](
+            (norm_fwd_chunked if chunked else _norm_fwd)[(m,)](
                 x2,
                 r2,
                 weight,
@@ -351,7 +242,7 @@ class NormFunction(torch.autograd.Function):
         dw = alloc(programs, n, device=x2.device, dtype=torch.float32)
         db = alloc(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
         if m:
-            (_norm_bwd_chunked if chunked else _norm_bwd)[(programs,)](
+            (norm_bwd_chunked if chunked else _norm_bwd)[(programs,)](
                 dy2,
                 x2,
                 weight,
