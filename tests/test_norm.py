@@ -105,6 +105,11 @@ def assert_all_close(actual, expected, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_matches_torch(kind, shape, dtype, residual):
+    check_against_torch(kind, shape, dtype, residual)
+
+
+def check_against_torch(kind, shape, dtype, residual):
+    """Outputs and input / weight gradients of the Triton kernel equal torch's."""
     x, w, b, r, grads = make(shape, dtype, kind, residual=residual)
     ours = lambda x, w, b, r: fused_norm(x, w, b, 1e-5, r, kind=kind, impl="triton")  # noqa: E731
     out, got = run(ours, [x, w, b, r], grads)
@@ -114,6 +119,35 @@ def test_triton_matches_torch(kind, shape, dtype, residual):
     out_ref, want = run(ref, [x, w, b, r], grads)
     assert all(o.dtype == dtype for o in out)
     assert_all_close(out + tuple(got), out_ref + tuple(want), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 32768), (2, 1, 65536)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_wide_rows_take_the_chunked_kernels(kind, shape, dtype, residual):
+    for limit in (tn.FWD_ROW_IN_REGISTERS, tn.BWD_ROW_IN_REGISTERS):
+        assert tn._launch_config(shape[-1], limit) == (tn.CHUNK, 8, True)
+    check_against_torch(kind, shape, dtype, residual)
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("shape", [(5, 1023), (2, 3, 256), (7, 300)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fwd_limit", [128, 1024], ids=["both-chunked", "bwd-chunked"])
+def test_chunked_kernels_at_small_widths(monkeypatch, fwd_limit, kind, shape, dtype, residual):
+    """Small thresholds and chunk force the chunked kernels onto a partial last chunk (1023, 300),
+    an exact one (256), and more rows than backward programs (partial dw summed over rows); with
+    fwd_limit 1024 the one-pass forward's statistics feed the chunked backward."""
+    monkeypatch.setattr(tn, "FWD_ROW_IN_REGISTERS", fwd_limit)
+    monkeypatch.setattr(tn, "BWD_ROW_IN_REGISTERS", 128)
+    monkeypatch.setattr(tn, "CHUNK", 256)
+    assert tn._launch_config(shape[-1], tn.BWD_ROW_IN_REGISTERS)[::2] == (256, True)
+    assert tn._launch_config(shape[-1], fwd_limit)[2] == (fwd_limit == 128)
+    check_against_torch(kind, shape, dtype, residual)
 
 
 @needs_triton

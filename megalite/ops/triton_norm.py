@@ -1,8 +1,9 @@
 """Fused LayerNorm / RMSNorm in Triton: forward, backward, optional fused residual add.
 
 Rows are the flattened leading dims of ``x`` ([..., N] -> [M, N]); each forward program owns one
-row and keeps it in registers, so N is limited to ``MAX_HIDDEN``. Statistics (mean, 1/std) are
-computed and saved in fp32 whatever the input dtype; outputs are rounded once at the end.
+row and keeps it in registers, or walks it in column chunks past ``FWD_ROW_IN_REGISTERS``
+(backward: ``BWD_ROW_IN_REGISTERS``). Statistics (mean, 1/std) are computed and saved in fp32
+whatever the input dtype; outputs are rounded once at the end.
 
 Backward, with x_hat = (x - mean) * rstd (RMSNorm: x * rstd) and g = w * dy:
     LayerNorm  dx = rstd * (g - mean(g * x_hat) * x_hat - mean(g))
@@ -30,7 +31,9 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-MAX_HIDDEN = 65536  # one row per program, held in registers
+from megalite.ops.triton_norm_wide import norm_bwd_chunked, norm_fwd_chunked
+
+MAX_HIDDEN = 65536  # the widest row tested (tests/test_norm.py)
 
 
 @triton.jit
@@ -126,13 +129,27 @@ def _norm_bwd(
         tl.store(db_ptr + pid * N + cols, db, mask=mask)
 
 
+# Register budget: an SM has 64K 32-bit registers, so a program of W warps gets at most
+# 65536 / (32 * W) a thread. ptxas (sm_90, Triton 3.9; benchmarks/norm_registers.py) gives the
+# one-pass backward ~16 registers a thread per row element held (eight fp32 values plus 64-bit
+# addresses and masks): 252 at BLOCK_N 4096 / 8 warps, the whole file; at 8192 it spills. The
+# forward needs about half and spills from 32768. Wider rows go to triton_norm_wide's kernels,
+# which loop over CHUNK-column blocks.
+FWD_ROW_IN_REGISTERS = 16384
+BWD_ROW_IN_REGISTERS = 4096
+CHUNK = 2048  # 8 warps, 8 values a thread: ~72 registers in the backward, no spills
+
+
 INTERPRETED = not isinstance(_norm_fwd, JITFunction)  # TRITON_INTERPRET=1 was set before import
 
 
-def _launch_config(n: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): enough warps that a row spreads to <= ~16 fp32 values a thread."""
+def _launch_config(n: int, row_in_registers: int) -> tuple[int, int, bool]:
+    """(BLOCK_N, num_warps, chunked): a whole row in registers, spread to <= ~16 fp32 values a
+    thread, while it is at most ``row_in_registers`` wide; else CHUNK columns, 8 a thread."""
     block = triton.next_power_of_2(n)
-    return block, min(max(block // 512, 4), 32)
+    if block > row_in_registers:
+        return CHUNK, max(CHUNK // 256, 1), True
+    return block, min(max(block // 512, 4), 32), False
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -181,9 +198,9 @@ class NormFunction(torch.autograd.Function):
         y = torch.empty(m, n, device=x.device, dtype=s2.dtype)
         mean = torch.empty(m, device=x.device, dtype=torch.float32)
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-        block, warps = _launch_config(n)
+        block, warps, chunked = _launch_config(n, FWD_ROW_IN_REGISTERS)
         if m:
-            _norm_fwd[(m,)](
+            (norm_fwd_chunked if chunked else _norm_fwd)[(m,)](
                 x2,
                 r2,
                 weight,
@@ -202,7 +219,6 @@ class NormFunction(torch.autograd.Function):
             )
         ctx.save_for_backward(s2, weight, mean, rstd)
         ctx.shape, ctx.rms, ctx.has_bias, ctx.has_res = shape, rms, bias is not None, has_res
-        ctx.block, ctx.warps = block, warps
         ctx.set_materialize_grads(False)  # an unused sum output gives dsum = None: skip its load
         if has_res:
             return y.view(shape), s2.view(shape)
@@ -218,12 +234,15 @@ class NormFunction(torch.autograd.Function):
         has_dsum = dsum is not None
         dsum2 = dsum.reshape(m, n).contiguous() if has_dsum else dy2
         dx = torch.empty_like(x2)
-        programs = _num_programs(m, ctx.warps, x2.device)  # 0 when there are no rows
-        # Every program writes its whole partial row (zeros when its block is empty): no memset.
-        dw = torch.empty(programs, n, device=x2.device, dtype=torch.float32)
-        db = torch.empty(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
+        block, warps, chunked = _launch_config(n, BWD_ROW_IN_REGISTERS)
+        programs = _num_programs(m, warps, x2.device)  # 0 when there are no rows
+        # The one-pass kernel writes every program's whole partial row (zeros when its block is
+        # empty): no memset; the chunked one accumulates into it.
+        alloc = torch.zeros if chunked else torch.empty
+        dw = alloc(programs, n, device=x2.device, dtype=torch.float32)
+        db = alloc(programs, n, device=x2.device, dtype=torch.float32) if ctx.has_bias else dw
         if m:
-            _norm_bwd[(programs,)](
+            (norm_bwd_chunked if chunked else _norm_bwd)[(programs,)](
                 dy2,
                 x2,
                 weight,
@@ -239,8 +258,8 @@ class NormFunction(torch.autograd.Function):
                 IS_RMS=ctx.rms,
                 HAS_BIAS=ctx.has_bias,
                 HAS_DSUM=has_dsum,
-                BLOCK_N=ctx.block,
-                num_warps=ctx.warps,
+                BLOCK_N=block,
+                num_warps=warps,
             )
         dweight = dw.sum(0).to(weight.dtype)
         dbias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
