@@ -349,22 +349,38 @@ class _BlockAttention(torch.autograd.Function):
         return (*backend.backward(dout, q, k, v, out, lse, causal, scale), None, None, None)
 
 
-def block_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
+def block_attention(
+    q, k, v, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
+):
     """Differentiable single-block attention with a chosen backend: q (B, S, H, D),
-    k/v (B, S, G, D) -> (B, S, H, D). Used where a rank holds the whole sequence (Ulysses)."""
+    k/v (B, S, G, D) -> (B, S, H, D). Used where a rank holds the whole sequence (Ulysses).
+    ``document_ids`` (B, S): attention stays inside each document (see doc_attention.py)."""
     if isinstance(backend, str):
         backend = get_backend(backend, q.device, q.dtype, q.shape[-1])
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if document_ids is not None:
+        from .doc_attention import planned_attention, whole_sequence_pairs  # imports this module
+
+        return planned_attention(q, k, v, whole_sequence_pairs(document_ids, q, causal), scale, backend)
     return _BlockAttention.apply(q, k, v, causal, scale, backend)
 
 
-def causal_attention(q, k, v, *, dropout_p: float = 0.0, require_flash_attn: bool = False):
+def causal_attention(
+    q, k, v, *, dropout_p: float = 0.0, require_flash_attn: bool = False, document_ids: torch.Tensor | None = None
+):
     """Causal attention over a whole (local) sequence, the model's core attention:
-    q (B, S, H, D), k/v (B, S, G, D) with H % G == 0 -> (B, S, H, D)."""
-    if (
+    q (B, S, H, D), k/v (B, S, G, D) with H % G == 0 -> (B, S, H, D).
+    ``document_ids`` (B, S) integers, non-decreasing along S: a query sees only earlier keys of
+    its own document (packed samples); None attends across the whole sequence."""
+    use_flash = (
         choose_backend(q.device, q.dtype, q.shape[-1], require_flash_attn=require_flash_attn, need_lse=False)
         == "flash_attn"
-    ):
+    )
+    if document_ids is not None:
+        from .doc_attention import document_causal_attention  # imports this module
+
+        return document_causal_attention(q, k, v, document_ids, dropout_p=dropout_p, use_flash_attn=use_flash)
+    if use_flash:
         from flash_attn import flash_attn_func  # (B, S, H, D) layout and GQA, as here
 
         return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)

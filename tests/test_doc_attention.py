@@ -1,0 +1,146 @@
+"""Attention over packed documents (``document_ids``), checked against a dense float64 reference
+(explicit mask + softmax): single rank, and the three context-parallel attentions at CP = 2, 4."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import TOL, make_inputs
+
+from megalite.ops.attention import block_attention, causal_attention, get_backend
+from megalite.ops.doc_attention import document_spans, plan_pairs
+
+
+def doc_ids(seed, batch, seq, longest):
+    """(batch, seq) non-decreasing ids with gaps, documents 1..longest tokens long. Row 0 has
+    1-token documents at both ends and one document over everything between (every CP rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [[0, 1] + [5] * (seq - 4) + [6, 9]]
+    while len(rows) < batch:
+        row, doc = [], int(torch.randint(0, 50, (1,), generator=gen))
+        while len(row) < seq:
+            row += [doc] * int(torch.randint(1, longest + 1, (1,), generator=gen))
+            doc += int(torch.randint(1, 4, (1,), generator=gen))
+        rows.append(row[:seq])
+    return torch.tensor(rows)
+
+
+def dense_reference(q, k, v, dout, ids, causal):
+    """out, dq, dk, dv in float64 with the S x S document mask materialised."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = ids[:, :, None] == ids[:, None, :]  # (B, S, S)
+    if causal:
+        mask &= torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    out = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask[:, None], enable_gqa=True
+    ).transpose(1, 2)
+    out.backward(dout.double())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_matches(got, want, dtype, what=""):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, **TOL[dtype], msg=lambda m: f"{what} {name}: {m}")
+
+
+def _run(fn, q, k, v, dout):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+class CountingBackend:
+    """A block backend stand-in that counts kernel calls of the backend it wraps."""
+
+    def __init__(self, name="torch_cpu"):
+        self.inner, self.forwards, self.backwards = get_backend(name), 0, 0
+
+    def forward(self, *args):
+        self.forwards += 1
+        return self.inner.forward(*args)
+
+    def backward(self, *args):
+        self.backwards += 1
+        return self.inner.backward(*args)
+
+
+# ---- single rank ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_causal_attention_with_documents(dtype):
+    q, k, v, dout = make_inputs(0, 3, 19, 4, 2, 16, dtype)
+    ids = doc_ids(1, 3, 19, 5)
+    got = _run(lambda *t: causal_attention(*t, document_ids=ids), q, k, v, dout)
+    assert_matches(got, dense_reference(q, k, v, dout, ids, True), dtype)
+
+
+def test_causal_attention_documents_flash_varlen_bookkeeping(monkeypatch):
+    """The flash-attn path: one varlen call whose cu_seqlens cut at every document and row edge
+    (a CPU stand-in computes each cut sequence with causal SDPA)."""
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=False):
+        assert cu_q is cu_k and cu_q.dtype == torch.int32 and causal and dropout_p == 0.0
+        calls.append(cu_q.tolist())
+        edges = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(edges, edges[1:]))
+        parts = [
+            F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, enable_gqa=True
+            ).transpose(0, 1)
+            for a, b in zip(edges, edges[1:])
+        ]
+        return torch.cat(parts)
+
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen))
+    q, k, v, dout = make_inputs(2, 2, 9, 4, 1, 16, torch.float64)
+    ids = torch.tensor([[3, 3, 4, 4, 4, 4, 4, 8, 8], [0, 0, 0, 0, 0, 0, 0, 0, 1]])
+    got = _run(lambda *t: causal_attention(*t, document_ids=ids, require_flash_attn=True), q, k, v, dout)
+    assert calls == [[0, 2, 7, 9, 17, 18]]
+    assert_matches(got, dense_reference(q, k, v, dout, ids, True), torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["math", "torch_cpu"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_attention_with_documents(backend, causal):
+    q, k, v, dout = make_inputs(3, 2, 17, 6, 2, 16, torch.float64)
+    ids = doc_ids(4, 2, 17, 6)
+    got = _run(lambda *t: block_attention(*t, causal=causal, backend=backend, document_ids=ids), q, k, v, dout)
+    assert_matches(got, dense_reference(q, k, v, dout, ids, causal), torch.float64)
+
+
+def test_one_kernel_call_per_visible_pair():
+    """Whole sequence, causal: one causal square per document run, nothing across documents."""
+    q, k, v, dout = make_inputs(5, 2, 16, 2, 2, 8, torch.float64)
+    ids = doc_ids(6, 2, 16, 4)
+    counter = CountingBackend()
+    _run(lambda *t: block_attention(*t, backend=counter, document_ids=ids), q, k, v, dout)
+    docs = sum(len(set(row.tolist())) for row in ids)
+    assert counter.forwards == counter.backwards == docs
+
+
+def test_plan_splits_key_runs_at_query_positions():
+    """Queries of one zigzag chunk against whole-document keys: a rectangle over the earlier keys
+    plus a causal square, clipped to the document."""
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    whole = document_spans(ids, [(0, 8, 0)])
+    chunk = document_spans(ids[:, 4:6], [(0, 2, 4)])  # global positions 4, 5: document 1
+    pairs = plan_pairs(chunk, whole, causal=True)
+    assert [(p.q, p.k, p.causal) for p in pairs] == [
+        (slice(0, 2), slice(3, 4), False),
+        (slice(0, 2), slice(4, 6), True),
+    ]
+
+
+def test_bad_document_ids():
+    q, k, v, _ = make_inputs(7, 2, 6, 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="decrease"):
+        causal_attention(q, k, v, document_ids=torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 2, 2]]))
+    with pytest.raises(ValueError, match="shape"):
+        causal_attention(q, k, v, document_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        block_attention(q, k, v, document_ids=torch.zeros(2, 6))
