@@ -134,9 +134,21 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    data_path: str | None = _f(None, "--data-path", "dataset prefix (PREFIX.bin/.idx); default: embedded corpus")
+    data_path: list[str] | None = _f(
+        None,
+        "--data-path",
+        "dataset PREFIX (of PREFIX.bin/.idx), or WEIGHT PREFIX pairs to blend; default: embedded corpus",
+        nargs="+",
+    )
+    train_data_path: list[str] | None = _f(
+        None, "--train-data-path", "training PREFIX or WEIGHT PREFIX pairs (instead of --data-path)", nargs="+"
+    )
+    valid_data_path: list[str] | None = _f(
+        None, "--valid-data-path", "validation PREFIX or WEIGHT PREFIX pairs (with --train-data-path)", nargs="+"
+    )
     split: str = _f("969,30,1", "--split", "train,valid,test weights")
     tokenizer_model: str | None = _f(None, "--tokenizer-model", "sentencepiece .model")
+    data_prefetch: bool = _f(True, "--data-prefetch", "gather the next step's batches in a background thread")
 
 
 @dataclass
@@ -194,13 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
                     )
                 continue
             g.add_argument(
-                md["flag"], dest=f.name, type=_value_type(f), default=None, choices=md.get("choices"), help=md["help"]
+                md["flag"],
+                dest=f.name,
+                type=_value_type(f),
+                default=None,
+                choices=md.get("choices"),
+                nargs=md.get("nargs"),
+                help=md["help"],
             )
     return p
 
 
 def _value_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
+    return {"int": int, "float": float, "str": str, "list[str]": str}[str(f.type).removesuffix(" | None")]
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
@@ -250,6 +268,11 @@ def _file_argv(raw: dict, path: str) -> list[str]:
             if not isinstance(val, bool):
                 raise ConfigError(f"{where} must be true or false (got {val!r})")
             argv.append(f.metadata["flag"] if val else "--no-" + f.metadata["flag"][2:])
+        elif val is not None and f.metadata.get("nargs"):  # a list, or one string of words
+            words = val.split() if isinstance(val, str) else val
+            if not isinstance(words, list) or not words:
+                raise ConfigError(f"{where} must be a non-empty list or a string (got {val!r})")
+            argv += [f.metadata["flag"], *(_file_value(where, w, f) for w in words)]
         elif val is not None:
             argv += [f.metadata["flag"], _file_value(where, val, f)]
     return argv
@@ -375,6 +398,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval given without --save DIR")
+    from .data.blend import check_data_flags  # numpy only
+
+    problem = check_data_flags(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

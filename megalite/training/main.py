@@ -17,7 +17,7 @@ import torch
 from .. import config as C
 from .. import distributed
 from ..config import ConfigError
-from ..data.gpt_dataset import build_datasets
+from ..data.blend import blend_change, blend_flags, build_blends, describe
 from ..data.indexed import DatasetFormatError, IndexedDataset
 from ..data.tokenizer import Tokenizer
 from ..model import GPT
@@ -54,20 +54,21 @@ def validate_world(cfg: C.Config, world: int) -> int:
     return dp
 
 
-def resolve_data(cfg: C.Config, rank: int) -> tuple[str, str]:
-    """(data prefix, tokenizer model); builds the embedded default corpus when no --data-path."""
+def resolve_data(cfg: C.Config, rank: int) -> tuple[str | None, str]:
+    """(the default corpus prefix, or None when data flags are given; tokenizer model). Builds the
+    embedded default corpus when no data path is given; checks every given dataset's files."""
     d = cfg.data
-    if d.data_path is None:
+    if d.data_path is None and d.train_data_path is None:
         from ..data.default_corpus import ensure_default_corpus
 
         prefix, tok = ensure_default_corpus(log=print if rank == 0 else (lambda *a: None))
         return prefix, d.tokenizer_model or tok
-    if d.tokenizer_model is None:
-        raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model it was built with)")
     if not os.path.isfile(d.tokenizer_model):
         raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: no such file")
-    IndexedDataset(d.data_path)  # raises naming the missing or inconsistent file
-    return d.data_path, d.tokenizer_model
+    for blend in blend_flags(d).values():
+        for _, prefix in blend or []:
+            IndexedDataset(prefix)  # raises naming the missing or inconsistent file
+    return None, d.tokenizer_model
 
 
 def vocab_size_for(cfg: C.Config, tokenizer: Tokenizer) -> int:
@@ -96,11 +97,17 @@ def main(argv=None) -> int:
     vocab = vocab_size_for(cfg, tokenizer)
     if ckpt_dir is not None:
         checkpoint.check_compatible(checkpoint.read_meta(ckpt_dir), cfg, vocab, ckpt_dir)
-    train_set, valid_set, _ = build_datasets(
-        prefix, cfg.data.split, cfg.model.seq_length, cfg.train.seed, tokenizer.eod, tokenizer=tokenizer
+    train_set, valid_set = build_blends(
+        cfg.data,
+        prefix,
+        cfg.model.seq_length,
+        cfg.train.seed,
+        tokenizer.eod,
+        cfg.train.global_batch_size,
+        tokenizer=tokenizer,
     )
     train_set.check_nonempty()
-    if cfg.train.eval_iters > 0 and cfg.train.eval_interval:
+    if cfg.train.eval_iters > 0 and cfg.train.eval_interval and valid_set is not None:
         valid_set.check_nonempty()
     else:
         valid_set = None
@@ -120,6 +127,9 @@ def main(argv=None) -> int:
     if ckpt_dir is not None:
         meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims, cfg, log)
         state = TrainState(meta["iteration"], meta["consumed_samples"])
+        change = blend_change(meta["data"], cfg.data) if "data" in meta else None
+        if change:
+            log(change)
 
     logger = None
     if dims.is_logger:
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
         logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()}, peak=peak)
         print(
             f"megalite: {dims.describe()} on {device.type}; model {n_params / 1e6:.1f}M params; "
-            f"vocab {vocab}; data {prefix}; MFU peak {peak_source}; metrics -> {logger.path}"
+            f"vocab {vocab}; data {prefix or describe(cfg.data)}; MFU peak {peak_source}; metrics -> {logger.path}"
             + (f"; resuming {ckpt_dir} at iteration {state.iteration}" if ckpt_dir else ""),
             flush=True,
         )

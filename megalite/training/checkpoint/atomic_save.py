@@ -11,6 +11,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from ...data.blend import describe as describe_data
 from .format import (
     FORMAT,
     _assign,
@@ -154,6 +155,7 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
             "consumed_samples": consumed,
             "global_batch_size": cfg.train.global_batch_size,
             "seed": cfg.train.seed,
+            "data": describe_data(cfg.data),
             "layout": {"tp": dims.tp, "cp": dims.cp, "dp": dims.dp, "world": dims.world_size},
             "model": dataclasses.asdict(cfg.model),
             "vocab_size": model.vocab_size,
