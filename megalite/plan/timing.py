@@ -1,0 +1,193 @@
+"""Step time of a layout: compute, exposed communication and pipeline bubble.
+
+Compute: each GEMM costs 2mkn / (peak x matmul_efficiency) plus a fixed latency, so small
+problems reach a lower fraction of the peak (the achieved efficiency falls with size);
+flash attention runs at its own forward and backward efficiencies; elementwise work (norms,
+RoPE, activations, the loss) streams its bytes at the memory bandwidth and pays a fixed cost per
+kernel.
+Communication, α-β per collective on the link the group spans (a group whose members are
+``stride`` ranks apart leaves the node when stride x size exceeds --gpus-per-node):
+  TP   2 all-reduces (or all-gather + reduce-scatter under SP, the same bytes) per layer forward
+       and 2 backward, exposed: megalite issues them in line with compute;
+  CP   p2p: CP-1 K/V hops forward, K/V + fp32 dK/dV hops backward, each hidden behind one
+       block of attention (ring_attention posts the next hop first), only the excess exposed;
+       all_gather: K/V gathered / dK/dV reduce-scattered, exposed; a2a: 4 all-to-alls each way;
+  DP   one gradient reduction over DP x CP per step, overlapped with the last micro-batch's
+       backward (DDP's buckets) except the last bucket; sharded strategies reduce-scatter
+       gradients and all-gather weights (optim_grads_params: every micro-batch, each way).
+Pipeline: 1F1B over p stages and m micro-batches takes (m + (p - 1) / v) stage-times with v
+virtual stages per rank (Narayanan et al.): the bubble is (p - 1) / (v m) of the useful time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import padded_vocab_size
+from .flops import attention_pairs
+from .hardware import Hardware
+from .memory import layer_activation_bytes, stage_params, state_bytes_per_param
+from .spec import Job, Layout
+
+OPS_PER_LAYER = 24  # elementwise kernels of one layer's forward (norms, RoPE, copies, activation, adds)
+
+
+@dataclass
+class Link:
+    gbps: float
+    latency_us: float
+
+    def time(self, kind: str, nbytes: float, n: int) -> float:
+        """Seconds of one collective of ``nbytes`` (the full tensor) over ``n`` ranks (ring algorithms)."""
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        steps = {"all_reduce": 2 * (n - 1), "all_gather": n - 1, "reduce_scatter": n - 1, "all_to_all": n - 1}
+        if kind == "p2p":
+            return nbytes / (self.gbps * 1e9) + self.latency_us * 1e-6
+        return steps[kind] / n * nbytes / (self.gbps * 1e9) + steps[kind] * self.latency_us * 1e-6
+
+
+def link(hw: Hardware, stride: int, size: int, gpus_per_node: int) -> Link:
+    if stride * size <= gpus_per_node:
+        return Link(hw.intra_node_gbps, hw.intra_node_latency_us)
+    return Link(hw.inter_node_gbps, hw.inter_node_latency_us)
+
+
+@dataclass
+class StepTime:
+    compute: float
+    exposed_comm: float
+    bubble: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.exposed_comm + self.bubble + self.optimizer
+
+
+class _Rank:
+    """Per-micro-batch costs on one rank of the busiest stage."""
+
+    def __init__(self, job: Job, lay: Layout, hw: Hardware, gpus_per_node: int):
+        self.job, self.lay, self.hw = job, lay, hw
+        self.tokens = job.micro_batch_size * job.seq_length / lay.cp
+        self.tp_link = link(hw, 1, lay.tp, gpus_per_node)
+        self.cp_link = link(hw, lay.tp, lay.cp, gpus_per_node)
+        self.overlap = hw.overlap
+
+    def gemm(self, k: float, n: float, m: float | None = None) -> float:
+        m = self.tokens if m is None else m
+        hw = self.hw
+        return 2 * m * k * n / (hw.peak_tflops * 1e12 * hw.matmul_efficiency) + hw.matmul_latency_us * 1e-6
+
+    def stream(self, nbytes: float, ops: int) -> float:
+        return nbytes / (self.hw.memory_gbps * 1e9) + ops * self.hw.matmul_latency_us * 1e-6
+
+    def layer(self) -> dict:
+        """Forward and backward seconds of one layer: compute pieces and exposed communication."""
+        job, lay, hw, m = self.job, self.lay, self.hw, self.job.model
+        t, d, h = lay.tp, m.head_dim, m.hidden_size
+        n, g, f = m.num_attention_heads / t, m.num_kv_heads / t, m.ffn_size / t
+        mlp = (2 if m.swiglu else 1) * self.gemm(h, f) + self.gemm(f, h)
+        linear = self.gemm(h, (n + 2 * g) * d) + self.gemm(n * d, h) + mlp
+        pairs = attention_pairs(job.seq_length, job.doc_length) / lay.cp
+        attn_flops = 4 * job.micro_batch_size * pairs * n * d
+        peak = hw.peak_tflops * 1e12
+        attn_f = attn_flops / (peak * hw.attention_fwd_efficiency) + lay.cp * hw.matmul_latency_us * 1e-6
+        attn_b = 2 * attn_flops / (peak * hw.attention_bwd_efficiency) + lay.cp * hw.matmul_latency_us * 1e-6
+        if not job.flash_attention:  # batched GEMMs over the whole square + softmax/dropout passes over the scores
+            square = 4 * job.micro_batch_size * (job.seq_length / lay.cp) ** 2 * n * d
+            scores = job.micro_batch_size * n * (job.seq_length / lay.cp) ** 2 * job.act_bytes
+            attn_f = square / (peak * hw.matmul_efficiency) + self.stream(4 * scores, 4)
+            attn_b = 2 * square / (peak * hw.matmul_efficiency) + self.stream(6 * scores, 4)
+        plain = Job(**{**job.__dict__, "recompute": None, "megatron": False})
+        elem = self.stream(2 * layer_activation_bytes(plain, lay, self.tokens), OPS_PER_LAYER)
+        a = job.act_bytes
+        tp_bytes = self.tokens * h * a
+        tp = 2 * self.tp_link.time("all_reduce", tp_bytes, t) if t > 1 else 0.0
+        if job.megatron and job.tp_overlap:
+            tp *= 1 - hw.overlap
+        cp_f, cp_b = self._cp(a, g * d, n * d, attn_f, attn_b)
+        fwd = linear + attn_f + elem + tp + cp_f
+        bwd = 2 * linear + attn_b + 2 * elem + tp + cp_b
+        if job.recompute == "full":
+            bwd += fwd
+        elif job.recompute == "selective":
+            bwd += attn_f
+        return {"fwd": fwd, "bwd": bwd, "comm": 2 * tp + cp_f + cp_b + (tp + cp_f if job.recompute == "full" else 0)}
+
+    def _cp(self, a, kv_width, q_width, attn_f, attn_b):
+        lay, cp = self.lay, self.lay.cp
+        if cp == 1:
+            return 0.0, 0.0
+        kv = 2 * self.tokens * kv_width * a
+        if lay.cp_comm == "p2p":
+            hop_f = self.cp_link.time("p2p", kv, 2)
+            hop_b = self.cp_link.time("p2p", kv + 2 * self.tokens * kv_width * 4, 2)
+            step_f, step_b = attn_f / cp, attn_b / cp
+
+            def exposed(hop, step):
+                return max(hop - self.overlap * step, (1 - self.overlap) * hop)
+
+            return (cp - 1) * exposed(hop_f, step_f), (cp - 1) * exposed(hop_b, step_b) + hop_b
+        if lay.cp_comm == "all_gather":
+            ag = self.cp_link.time("all_gather", kv * cp, cp)
+            return ag, ag + self.cp_link.time("reduce_scatter", kv * cp * 4 / a, cp)
+        a2a = self.cp_link.time("all_to_all", self.tokens * (2 * q_width + 2 * kv_width) * a, cp)
+        return a2a, a2a
+
+    def logits(self) -> tuple[float, float]:
+        job, lay, m = self.job, self.lay, self.job.model
+        v = padded_vocab_size(job.vocab_size, m.make_vocab_size_divisible_by, lay.tp) / lay.tp
+        gemm = self.gemm(m.hidden_size, v)
+        elem = self.stream(self.tokens * v * (job.act_bytes + 4) * 3, 6)
+        return gemm + elem, 2 * gemm + elem
+
+
+def step_time(job: Job, lay: Layout, hw: Hardware, gpus_per_node: int) -> StepTime:
+    r = _Rank(job, lay, hw, gpus_per_node)
+    layer = r.layer()
+    layers = math.ceil(job.model.num_layers / lay.pp)
+    lf, lb = r.logits()
+    fwd, bwd = layers * layer["fwd"] + lf, layers * layer["bwd"] + lb
+    per_mb = fwd + bwd
+    m = lay.micro_batches(job)
+    layer_comm = m * layers * layer["comm"]  # exposed TP / CP communication inside the micro-batches
+    bubble = (lay.pp - 1) / lay.vpp * per_mb if lay.pp > 1 else 0.0
+    pp_comm = 0.0
+    if lay.pp > 1:  # activations and their gradients cross stage boundaries, v times per micro-batch
+        act = r.tokens * job.model.hidden_size * job.act_bytes / (lay.tp if lay.sp else 1)
+        pp_link = link(hw, lay.tp * lay.cp * lay.dp, 2, gpus_per_node)
+        pp_comm = 2 * lay.vpp * m * pp_link.time("p2p", act, 2) * (1 - hw.overlap if job.megatron else 1)
+    params = stage_params(job, lay)
+    shard = lay.dp * lay.cp
+    dp_exposed = _dp_time(job, lay, hw, gpus_per_node, params, shard, m, bwd, fwd)
+    per = state_bytes_per_param(job, shard)
+    opt_bytes = params * (per["optimizer"] * 2 + per["grads"] + per["weights"] * 2)
+    n_tensors = layers * 12 + 4
+    optimizer = opt_bytes / (hw.memory_gbps * 1e9) + n_tensors * hw.matmul_latency_us * 1e-6 * 8
+    return StepTime(m * per_mb - layer_comm, layer_comm + pp_comm + dp_exposed, bubble, optimizer)
+
+
+def _dp_time(job, lay, hw, gpus_per_node, params, shard, micro_batches, backward, forward):
+    """Exposed seconds of the DP x CP gradient (and weight) traffic of one step: gradient
+    reductions hide behind the last micro-batch's backward, bar the last bucket; sharded
+    weights' all-gathers are prefetched behind the forward."""
+    if shard == 1:
+        return 0.0
+    dp_link = link(hw, lay.tp, shard, gpus_per_node)
+    grads = params * 4
+    if job.sharding == "no_shard":
+        reduce, gather = dp_link.time("all_reduce", grads, shard), 0.0
+    else:
+        reduce = dp_link.time("reduce_scatter", grads, shard)
+        gather = dp_link.time("all_gather", params * job.param_bytes, shard)
+    if job.sharding == "optim_grads_params":  # weights gathered again for every micro-batch, both ways
+        gather *= 2 * micro_batches
+    layers = max(job.model.num_layers, 1)
+
+    def exposed(total, behind):
+        return max(total - hw.overlap * behind * (1 - 1 / layers), total * (1 - hw.overlap), total / layers)
+
+    return exposed(reduce, backward) + (exposed(gather, forward * micro_batches) if gather else 0.0)

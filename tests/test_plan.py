@@ -1,0 +1,192 @@
+"""The planner's FLOP and memory models against measurements, its search and its command line."""
+
+import json
+import shlex
+import statistics
+
+import pytest
+import torch
+from plan_measure import LiveBytes, storage_bytes
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from megalite import config as C
+from megalite.model import GPT
+from megalite.plan import cli, hardware, published
+from megalite.plan.flops import attention_flops, step_model_flops
+from megalite.plan.memory import breakdown
+from megalite.plan.search import layouts, predict
+from megalite.plan.spec import Job, Layout
+from megalite.training.metrics import flops_per_token
+from megalite.training.optim import build_optimizer
+
+VOCAB = 50
+
+
+def _counted(model, batch, seq):
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens, torch.arange(seq).expand(batch, seq), tokens).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return counts.get("aten.mm", 0) + counts.get("aten.addmm", 0), counts.get("aten.bmm", 0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(untie_embeddings_and_output_weights=True, swiglu=True, group_query_attention=True, num_query_groups=2),
+        dict(kv_channels=6, ffn_hidden_size=40, add_bias_linear=False),
+    ],
+    ids=["gelu-mha-tied", "swiglu-gqa-untied", "odd-dims"],
+)
+def test_step_flops_equal_torch_flop_counter(kw):
+    """Linear layers and output layer exactly as torch counts them; attention's products over the
+    full square as the math kernel computes them; the causal count is half of that square."""
+    cfg = C.ModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, make_vocab_size_divisible_by=8, **kw
+    )
+    batch, seq = 3, cfg.seq_length
+    linear, attention = _counted(GPT(cfg, VOCAB), batch, seq)
+    full = step_model_flops(cfg, VOCAB, seq, batch, full_square=True)
+    assert full == linear + attention
+    causal = step_model_flops(cfg, VOCAB, seq, batch)
+    assert causal == linear + attention / 2
+    n_matmul = GPT(cfg, VOCAB).num_params(matmul_only=True)
+    assert causal == flops_per_token(cfg, n_matmul, seq) * batch * seq  # the MFU line's count
+
+
+def test_document_masked_attention_flops_equal_documents_run_alone():
+    """Under --reset-attention-mask a sample of documents of length L costs what running each
+    document as its own sequence costs (torch's count of each, halved for causality)."""
+    cfg = C.ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=48)
+    doc, docs = 12, 4
+    _, per_doc = _counted(GPT(C.ModelConfig(**{**cfg.__dict__, "seq_length": doc}), VOCAB), 1, doc)
+    forward = attention_flops(cfg, cfg.seq_length, doc_length=doc) * cfg.num_layers
+    assert 3 * forward == docs * per_doc / 2
+
+
+MEMORY_CASES = {
+    "fp32": (dict(), False),
+    "bf16-swiglu-gqa-untied": (
+        dict(swiglu=True, group_query_attention=True, num_query_groups=2, untie_embeddings_and_output_weights=True),
+        True,
+    ),
+    "selective": (dict(recompute_granularity="selective"), False),
+    "full-bf16": (dict(recompute_granularity="full"), True),
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_memory_equals_measured_tensor_bytes(case):
+    """Weights, gradients and AdamW state from their storage; saved activations (checkpointed
+    inputs included) and the peak from every storage ops create while a step runs."""
+    kw, bf16 = MEMORY_CASES[case]
+    cfg = C.ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=96, norm_impl="torch", **kw)
+    vocab, batch = 300, 2
+    model = GPT(cfg, vocab)
+    optimizer = build_optimizer(model, C.TrainConfig())
+    tokens = torch.randint(0, vocab, (batch, cfg.seq_length))
+    positions = torch.arange(cfg.seq_length).expand(batch, -1)
+    for _ in range(2):  # the second step runs with optimizer state allocated and gradients freed
+        with LiveBytes() as live:
+            for p in model.parameters():  # weights existed before; not new storage
+                live.live[p.untyped_storage().data_ptr()] = 0
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(tokens, positions, tokens).mean()
+            saved = live.now
+            loss.backward()
+            del loss
+        grads = storage_bytes(p.grad for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    job = Job(
+        model=cfg,
+        vocab_size=vocab,
+        seq_length=cfg.seq_length,
+        global_batch_size=batch,
+        micro_batch_size=batch,
+        precision="bf16-autocast" if bf16 else "fp32",
+        recompute=cfg.recompute_granularity,
+    )
+    pred = breakdown(job, Layout())
+    assert pred["weights"] == storage_bytes(model.parameters())
+    assert grads == storage_bytes(model.parameters())  # fp32 gradients, one per weight
+    state = storage_bytes(t for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    assert pred["optimizer"] == state
+    assert pred["activations"] == pytest.approx(saved, rel=0.05)
+    dynamic = pred["total"] - pred["weights"] - pred["optimizer"]
+    assert dynamic == pytest.approx(live.peak, rel=0.05)
+
+
+def test_published_runs_within_the_targets():
+    """Megatron-LM's weak-scaling TFLOP/s (H100) and Korthikanti et al.'s iteration times (A100),
+    from the hardware presets as shipped: mean absolute error <= 10%, worst row <= 20%."""
+    h100, a100 = hardware.load("h100-sxm"), hardware.load("a100-80gb")
+    assert len(h100.fitted) + len(a100.fitted) <= 2  # constants fitted to published rows, each naming its row
+    rows = published.rows(h100, a100)
+    assert len(rows) == len(published.MEGATRON_WEAK_SCALING) + 2 * len(published.KORTHIKANTI_TABLE5)
+    errors = [abs(r["error"]) for r in rows]
+    assert statistics.mean(errors) <= 0.10, rows
+    assert max(errors) <= 0.20, rows
+
+
+def test_pipeline_bubble_and_interleaving():
+    """1F1B costs (p - 1) / (v m) of the useful time on top; more virtual stages, less bubble."""
+    job = Job(model=C.ModelConfig(num_layers=8, hidden_size=256, num_attention_heads=4), vocab_size=1000,
+              seq_length=256, global_batch_size=8)  # fmt: skip
+    hw = hardware.load("h100-sxm")
+    one = predict(job, Layout(pp=4), hw, 8)
+    two = predict(job, Layout(pp=4, vpp=2), hw, 8)
+    useful = one.step_time_s - one.bubble_s - one.exposed_comm_s - one.optimizer_s
+    assert one.bubble_s == pytest.approx(useful * 3 / 8, rel=0.01)
+    assert two.bubble_s == pytest.approx(one.bubble_s / 2, rel=0.01)
+
+
+def test_search_keeps_megalite_rules_and_fixed_sizes():
+    m = C.ModelConfig(num_layers=4, hidden_size=96, num_attention_heads=6, group_query_attention=True,
+                      num_query_groups=3, seq_length=96)  # fmt: skip
+    job = Job(model=m, vocab_size=1000, seq_length=96, global_batch_size=4)
+    found = layouts(job, 12, 4, {"pp": 1})
+    assert found and all(lay.gpus == 12 and lay.tp <= 4 and 3 % lay.tp == 0 for _, lay in found)
+    assert all(96 % (2 * lay.cp * lay.tp) == 0 for _, lay in found if lay.cp > 1)
+    assert all(4 % lay.dp == 0 for _, lay in found)
+    assert {lay.tp for _, lay in layouts(job, 12, 4, {"pp": 1, "tp": 3})} == {3}
+
+
+def test_cli_json_and_a_runnable_command(capsys):
+    assert cli.main(["llama3-8b", "--gpus", "16", "--seq-length", "32768", "--micro-batch-size", "1",
+                     "--global-batch-size", "16", "--json"]) == 0  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {"tp", "cp", "dp", "pp", "step_time_s", "tflops_per_gpu", "mfu", "mem_gib"} <= set(rows[0])
+    assert rows[0]["fits"] and rows[0]["tp"] * rows[0]["cp"] * rows[0]["dp"] * rows[0]["pp"] == 16
+    assert [r["step_time_s"] for r in rows if r["fits"]] == sorted(r["step_time_s"] for r in rows if r["fits"])
+    assert cli.main(["llama3-8b", "--gpus", "16", "--seq-length", "32768", "--micro-batch-size", "1",
+                     "--global-batch-size", "16"]) == 0  # fmt: skip
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = shlex.split(line)
+    assert argv[:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8"] and argv[5] == "pretrain.py"
+    cfg = C.parse(argv[6:])  # every flag printed is one pretrain.py has
+    best = (cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size, cfg.model.recompute_granularity)
+    assert best == (rows[0]["tp"], rows[0]["cp"], rows[0]["recompute"]) and cfg.model.seq_length == 32768
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["gpt-5"], "unknown preset 'gpt-5'"),
+        (["llama3-8b", "--hardware", "tpu-v9"], "--hardware tpu-v9: no such file or preset"),
+        (["--num-layers", "2"], "give --vocab-size"),
+        (["llama3-8b", "--reset-attention-mask"], "--reset-attention-mask needs --mean-document-length"),
+        (["llama3-8b", "--pipeline-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "3"],
+         "not a multiple of --num-layers-per-virtual-pipeline-stage 3"),
+    ],
+)  # fmt: skip
+def test_cli_errors_name_the_fix(argv, message, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code, err = 2, str(exc)
+    else:
+        err = capsys.readouterr().err
+    assert code == 2 and message in err
