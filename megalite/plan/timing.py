@@ -75,14 +75,17 @@ class _Rank:
         self.tp_link = link(hw, 1, lay.tp, gpus_per_node)
         self.cp_link = link(hw, lay.tp, lay.cp, gpus_per_node)
         self.overlap = hw.overlap
+        # CPU: rates are one thread's; one rank runs a thread per core, several share the cores
+        ranks = lay.gpus
+        self.speed = 1.0 if not hw.cpu_cores else (hw.cpu_cores if ranks == 1 else min(1.0, hw.cpu_cores / ranks))
 
     def gemm(self, k: float, n: float, m: float | None = None) -> float:
         m = self.tokens if m is None else m
         hw = self.hw
-        return 2 * m * k * n / (hw.peak_tflops * 1e12 * hw.matmul_efficiency) + hw.matmul_latency_us * 1e-6
+        return 2 * m * k * n / (hw.peak_tflops * 1e12 * hw.matmul_efficiency * self.speed) + hw.matmul_latency_us * 1e-6
 
     def stream(self, nbytes: float, ops: int) -> float:
-        return nbytes / (self.hw.memory_gbps * 1e9) + ops * self.hw.matmul_latency_us * 1e-6
+        return nbytes / (self.hw.memory_gbps * 1e9 * self.speed) + ops * self.hw.matmul_latency_us * 1e-6
 
     def layer(self) -> dict:
         """Forward and backward seconds of one layer: compute pieces and exposed communication."""
@@ -93,7 +96,7 @@ class _Rank:
         linear = self.gemm(h, (n + 2 * g) * d) + self.gemm(n * d, h) + mlp
         pairs = attention_pairs(job.seq_length, job.doc_length) / lay.cp
         attn_flops = 4 * job.micro_batch_size * pairs * n * d
-        peak = hw.peak_tflops * 1e12
+        peak = hw.peak_tflops * 1e12 * self.speed
         attn_f = attn_flops / (peak * hw.attention_fwd_efficiency) + lay.cp * hw.matmul_latency_us * 1e-6
         attn_b = 2 * attn_flops / (peak * hw.attention_bwd_efficiency) + lay.cp * hw.matmul_latency_us * 1e-6
         if not job.flash_attention:  # batched GEMMs over the whole square + softmax/dropout passes over the scores

@@ -1,0 +1,192 @@
+"""`megalite-plan --calibrate OUT.json`: measure this machine and write its hardware file.
+
+Microbenchmarks only (never the training runs the planner is judged on):
+  GEMM at a few sizes            -> rate (peak_tflops, efficiency 1) and per-call latency, by
+                                    least squares on time = latency + flops / rate
+  the attention block kernel     -> forward and backward efficiencies against that rate
+  a large copy                   -> memory bandwidth
+  2 gloo ranks: send/recv, all-reduce, all-gather at a few sizes -> α-β of the link, and how
+                                    much of a send hides behind a GEMM (overlap)
+  a started rank's memory        -> process_baseline_gib (peak memory on CPU is the process RSS)
+On CPU the rates are one thread's (torchrun gives each rank one) and ``cpu_cores`` says how many
+run at once; on CUDA they are one GPU's, in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .hardware import Hardware
+
+SIZES = (128, 256, 512, 1024)
+MESSAGE_BYTES = (2**12, 2**18, 2**22)
+
+
+def _timed(fn, repeat: int = 5) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _fit(xs, ys) -> tuple[float, float]:
+    """(intercept, slope) of least squares y = a + b x, the intercept kept >= 0."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return max(my - slope * mx, 0.0), slope
+
+
+def gemm(device, dtype) -> tuple[float, float]:
+    """(FLOP/s, latency s) of square GEMMs."""
+    flops, secs = [], []
+    for n in SIZES:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        flops.append(2 * n**3)
+        secs.append(_timed(lambda a=a, b=b: a @ b))
+    latency, per_flop = _fit(flops, secs)
+    return 1 / per_flop, latency
+
+
+def attention(device, dtype, rate) -> tuple[float, float]:
+    """Forward and backward efficiency of causal attention (model FLOPs, causal half) vs ``rate``."""
+    from ..ops.attention import get_backend
+
+    b, s, h, d = 1, 1024, 4, 64
+    backend = get_backend("auto", device, dtype, d)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+    scale = d**-0.5
+    out, lse = backend.forward(q, k, v, True, scale)
+    fwd = _timed(lambda: backend.forward(q, k, v, True, scale))
+    bwd = _timed(lambda: backend.backward(out, q, k, v, out, lse, True, scale))
+    flops = 4 * b * h * d * s * s / 2
+    return flops / fwd / rate, 2 * flops / bwd / rate
+
+
+def bandwidth(device) -> float:
+    x = torch.empty(2**25, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x))
+
+
+def _comm_rank(rank, world, store_path, out_path):
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    peer = 1 - rank
+    rows = []
+    for nbytes in MESSAGE_BYTES:
+        x = torch.zeros(nbytes // 4)
+        buf = torch.empty_like(x)
+
+        def p2p(x=x, buf=buf):
+            for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, buf, peer)]):
+                req.wait()
+
+        gathered = torch.empty(x.numel() * world)
+        rows.append(
+            (
+                nbytes,
+                _timed(p2p),
+                _timed(lambda x=x: dist.all_reduce(x)),
+                _timed(lambda x=x, g=gathered: dist.all_gather_into_tensor(g, x)),
+            )
+        )
+    # overlap: a large exchange posted, then a GEMM, as ring attention does
+    a = torch.randn(384, 384)
+    x, buf = torch.zeros(2**20), torch.empty(2**20)
+
+    def gemms():
+        for _ in range(4):
+            a @ a
+
+    def exchange():
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, buf, peer)])
+
+    def both():
+        reqs = exchange()
+        gemms()
+        for r in reqs:
+            r.wait()
+
+    def alone():
+        for r in exchange():
+            r.wait()
+
+    t_gemm, t_comm, t_both = _timed(gemms), _timed(alone), _timed(both)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if rank == 0:
+        torch.save({"rows": rows, "overlap": (t_gemm, t_comm, t_both), "baseline_gib": baseline}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def communication() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "comm.pt")
+        mp.start_processes(_comm_rank, args=(2, os.path.join(tmp, "store"), out), nprocs=2, start_method="spawn")
+        res = torch.load(out)
+    sizes = [r[0] for r in res["rows"]]
+    p2p_lat, p2p_per_byte = _fit(sizes, [r[1] for r in res["rows"]])
+    # 2 ranks: an all-reduce moves 2 (n - 1) / n = 1 message each way in 2 latency steps
+    ar_lat, ar_per_byte = _fit(sizes, [r[2] for r in res["rows"]])
+    t_gemm, t_comm, t_both = res["overlap"]
+    hidden = (t_gemm + t_comm - t_both) / min(t_gemm, t_comm)
+    return {
+        "gbps": 1 / min(p2p_per_byte, ar_per_byte) / 1e9,
+        "latency_us": max(p2p_lat, ar_lat / 2) * 1e6,
+        "overlap": min(max(hidden, 0.0), 1.0),
+        "baseline_gib": res["baseline_gib"],
+    }
+
+
+def calibrate(path: str) -> Hardware:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if not cuda:
+        torch.set_num_threads(1)
+    rate, latency = gemm(device, dtype)
+    fwd, bwd = attention(device, dtype, rate)
+    comm = communication()
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    hw = Hardware(
+        name=name,
+        peak_tflops=rate / 1e12,
+        matmul_efficiency=1.0,
+        matmul_latency_us=latency * 1e6,
+        attention_fwd_efficiency=fwd,
+        attention_bwd_efficiency=bwd,
+        memory_gib=(torch.cuda.get_device_properties(device).total_memory if cuda else _host_memory()) / 2**30,
+        memory_gbps=bandwidth(device) / 1e9,
+        intra_node_gbps=comm["gbps"],
+        intra_node_latency_us=comm["latency_us"],
+        inter_node_gbps=comm["gbps"],
+        inter_node_latency_us=comm["latency_us"],
+        overlap=comm["overlap"],
+        process_baseline_gib=0.0 if cuda else comm["baseline_gib"],
+        cpu_cores=0 if cuda else os.cpu_count(),
+        notes=f"measured by megalite-plan --calibrate on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
+        f"load average {os.getloadavg()[0]:.1f}; gloo over loopback, so inter-node = intra-node",
+    )
+    with open(path, "w") as fh:
+        fh.write(hw.to_json())
+    print(f"wrote {path}:\n{hw.to_json()}")
+    return hw
+
+
+def _host_memory() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
