@@ -190,3 +190,27 @@ def test_cli_errors_name_the_fix(argv, message, capsys):
     else:
         err = capsys.readouterr().err
     assert code == 2 and message in err
+
+
+def test_pretrain_prediction_line_warning_and_comparison(monkeypatch):
+    """pretrain.py's planner hook: a start-up line, a CUDA warning when the prediction exceeds the
+    device, and one predicted-vs-measured line after the warm-up iterations."""
+    from types import SimpleNamespace
+
+    from megalite.plan import runtime
+
+    cfg = C.parse(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64"])
+    cfg.train.global_batch_size = cfg.train.micro_batch_size
+    dims = SimpleNamespace(tp=1, cp=1, dp=1, sequence_parallel=False)
+    check = runtime.PlanCheck(cfg, 500, dims, torch.device("cpu"), 1)
+    assert "peak memory" in check.startup_line() and check.memory_warning() is None
+    lines = [
+        check.observe({"step_time": 1.0 + i, "mem_gib": 0.5}) for i in range(runtime.WARMUP + runtime.COMPARE_AFTER)
+    ]
+    assert lines[:-1] == [None] * (len(lines) - 1) and "/ 0.50 GiB" in lines[-1]
+    assert check.observe({"step_time": 1.0, "mem_gib": 0.5}) is None  # said once
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=2**20))
+    gpu = runtime.PlanCheck(cfg, 500, dims, torch.device("cuda", 0), 8)
+    assert gpu.hw.name == "h100-sxm" and "exceeds this GPU's 0.0 GiB" in gpu.memory_warning()

@@ -82,7 +82,21 @@ def bandwidth(device) -> float:
     return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x))
 
 
+def _startup():
+    """What a pretrain.py rank holds before its model (the baseline): its modules, the default
+    corpus's tokenizer and memory-mapped tokens."""
+    from ..data.default_corpus import ensure_default_corpus
+    from ..data.indexed import IndexedDataset
+    from ..data.tokenizer import Tokenizer
+    from ..training import main  # noqa: F401
+
+    prefix, tok = ensure_default_corpus(log=lambda *a: None)
+    Tokenizer(tok)
+    IndexedDataset(prefix)
+
+
 def _comm_rank(rank, world, store_path, out_path):
+    _startup()
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))

@@ -56,7 +56,9 @@ class PlanCheck:
         self.device, self.steps, self.mem, self.done = device, [], 0.0, False
 
     def startup_line(self) -> str:
-        time_part = f"step {self.pred.step_time_s:.3g} s" if self.hw else "step time: no hardware preset for this device"
+        time_part = (
+            f"step {self.pred.step_time_s:.3g} s" if self.hw else "step time: no hardware preset for this device"
+        )
         return (
             f"megalite-plan predicts for this layout: peak memory {self.pred.mem_gib:.2f} GiB per rank "
             f"({self.pred.memory['moment']}), {time_part}" + (f" ({self.hw.name})" if self.hw else "")

@@ -23,6 +23,7 @@ from ..data.tokenizer import Tokenizer
 from ..model import GPT
 from ..parallel.dims import ParallelDims, check_layout
 from ..parallel.parallelize import parallelize, unwrap, validate_layout
+from ..plan.runtime import PlanCheck
 from . import checkpoint
 from .loop import TrainSetup, TrainState, train
 from .metrics import MetricsLogger, flops_per_token, peak_tflops
@@ -118,6 +119,11 @@ def main(argv=None) -> int:
     if ckpt_dir is not None:
         ckpt_dir = checkpoint.verify_load_dir(cfg.checkpoint.load, ckpt_dir, cfg, vocab, log)
     dims = ParallelDims.build(cfg.parallel)
+    plan = PlanCheck(cfg, vocab, dims, device, torch.cuda.device_count() if device.type == "cuda" else world)
+    if dims.is_logger:  # before the model is allocated, so a run predicted not to fit says so first
+        print(plan.startup_line(), flush=True)
+        if plan.memory_warning():
+            print(plan.memory_warning(), file=sys.stderr, flush=True)
     model = GPT(cfg.model, vocab, seed=cfg.train.seed)
     n_params, n_matmul = model.num_params(), model.num_params(matmul_only=True)  # before TP shards them
     model = parallelize(model, dims, cfg, device)
@@ -135,7 +141,9 @@ def main(argv=None) -> int:
     if dims.is_logger:
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or "runs"
         peak, peak_source = peak_tflops(device, cfg.train.peak_tflops)
-        logger = MetricsLogger(log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()}, peak=peak)
+        logger = MetricsLogger(
+            log_dir, cfg, {k: dataclasses.asdict(v) for k, v in vars(cfg).items()}, peak=peak, plan=plan
+        )
         print(
             f"megalite: {dims.describe()} on {device.type}; model {n_params / 1e6:.1f}M params; "
             f"vocab {vocab}; data {prefix or describe(cfg.data)}; MFU peak {peak_source}; metrics -> {logger.path}"

@@ -66,8 +66,9 @@ def memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str, cfg, run_config: dict, peak: float | None = None):
+    def __init__(self, log_dir: str, cfg, run_config: dict, peak: float | None = None, plan=None):
         self.peak = peak  # device peak TFLOP/s for MFU; None when unknown
+        self.plan = plan  # megalite.plan.runtime.PlanCheck: prints predicted vs measured once
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self.fh = open(self.path, "a")
@@ -83,6 +84,9 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
         if line:
             print(format_line(record), flush=True)
+        compared = self.plan.observe(record) if self.plan else None
+        if compared:
+            print(compared, flush=True)
 
     def close(self) -> None:
         self.fh.close()
