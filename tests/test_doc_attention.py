@@ -5,11 +5,18 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from multiproc import run_ranks
 from parity import TOL, make_inputs
 
 from megalite.ops.attention import block_attention, causal_attention, get_backend
 from megalite.ops.doc_attention import document_spans, plan_pairs
+from megalite.parallel.all_gather_attention import all_gather_attention
+from megalite.parallel.apply_cp import ContextParallelAttention
+from megalite.parallel.ring_attention import ring_attention, ring_plans
+from megalite.parallel.ulysses_attention import ulysses_attention
+from megalite.parallel.zigzag import zigzag_split
 
 
 def doc_ids(seed, batch, seq, longest):
@@ -144,3 +151,97 @@ def test_bad_document_ids():
         causal_attention(q, k, v, document_ids=torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         block_attention(q, k, v, document_ids=torch.zeros(2, 6))
+
+
+# ---- context parallel ----
+
+
+def _module(comm_type):
+    def attend(q, k, v, group, *, causal, document_ids, backend="auto"):
+        assert causal and backend == "auto"
+        return ContextParallelAttention(group, comm_type)(q, k, v, document_ids=document_ids)
+
+    return attend
+
+
+def cp_cases(world):  # (attention, causal, heads, kv_heads, dtype, backend)
+    return [
+        (ring_attention, True, 4, 2, torch.float64, "auto"),
+        (ring_attention, False, 4, 2, torch.float64, "auto"),
+        (ring_attention, True, 6, 2, torch.float64, "math"),
+        (ring_attention, True, 4, 1, torch.float32, "auto"),
+        (_module("p2p"), True, 4, 2, torch.float64, "auto"),
+        (all_gather_attention, True, 4, 2, torch.float64, "auto"),
+        (all_gather_attention, False, 6, 2, torch.float64, "auto"),
+        (_module("all_gather"), True, 4, 1, torch.float32, "auto"),
+        (ulysses_attention, True, 2 * world, world, torch.float64, "auto"),
+        (ulysses_attention, False, 2 * world, world, torch.float64, "auto"),
+        (_module("a2a"), True, 2 * world, world, torch.float32, "auto"),
+    ]
+
+
+def visible_chunk_pairs(ids, world):
+    """Independent count of the kernel calls a ring must make: per row, per (query chunk a, key
+    chunk b <= a) of the natural order, the documents present in both chunks."""
+    chunks = ids.chunk(2 * world, dim=1)
+    return sum(
+        len(set(chunks[a][row].tolist()) & set(chunks[b][row].tolist()))
+        for row in range(ids.shape[0])
+        for a in range(2 * world)
+        for b in range(a + 1)
+    )
+
+
+def _cp_vs_dense(rank, world):
+    group = dist.new_group(list(range(world)))
+    chunk = 3  # documents up to 7 tokens: longer than a chunk, up to 3 chunks
+    seq = 2 * world * chunk
+
+    def local(t):
+        return zigzag_split(t, 1, world, rank)
+
+    for i, (attend, causal, heads, kv_heads, dtype, backend) in enumerate(cp_cases(world)):
+        q, k, v, dout = make_inputs(200 + i, 3, seq, heads, kv_heads, 16, dtype)
+        ids = doc_ids(300 + i, 3, seq, 2 * chunk + 1)
+        want = [local(t) for t in dense_reference(q, k, v, dout, ids, causal)]
+
+        def fn(*t):
+            return attend(*t, group, causal=causal, backend=backend, document_ids=local(ids))
+
+        assert_matches(_run(fn, *(local(t) for t in (q, k, v, dout))), want, dtype, f"case {i}")
+
+    # No wasted work: one forward and one backward call per visible (query run, key run) pair.
+    q, k, v, dout = (local(t) for t in make_inputs(9, 3, seq, 4, 2, 8, torch.float64))
+    for ids in (doc_ids(10, 3, seq, 2 * chunk + 1), torch.arange(2 * world).repeat_interleave(chunk).expand(2, -1)):
+        counter = CountingBackend()
+        n = ids.shape[0]
+        _run(
+            lambda *t: ring_attention(*t, group, backend=counter, document_ids=local(ids)),
+            q[:n],
+            k[:n],
+            v[:n],
+            dout[:n],
+        )
+        calls = torch.tensor([counter.forwards, counter.backwards])
+        dist.all_reduce(calls, group=group)
+        assert calls.tolist() == [visible_chunk_pairs(ids, world)] * 2
+    # Documents inside single chunks: every step after the first has nothing to compute.
+    assert all(not plan for plan in ring_plans(q[:2], group, True, local(ids))[1:])
+
+    # Bad ids raise on every rank (before any collective where the problem is local).
+    good = local(doc_ids(11, 3, seq, 4))
+    across = local(torch.arange(2 * world, 0, -1).repeat_interleave(chunk).expand(3, -1))
+    for attend in (ring_attention, all_gather_attention, ulysses_attention):
+        h = 2 * world
+        q, k, v, _ = (local(t) for t in make_inputs(12, 3, seq, h, world, 8, torch.float32))
+        with pytest.raises(ValueError, match="decrease along the global"):
+            attend(q, k, v, group, document_ids=across)
+        with pytest.raises(ValueError, match="decrease along the sequence"):
+            attend(q, k, v, group, document_ids=good.flip(1))
+        with pytest.raises(ValueError, match="shape"):
+            attend(q, k, v, group, document_ids=good[:, 1:])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cp_attention_with_documents(tmp_path, world):
+    run_ranks(_cp_vs_dense, world, tmp_path)

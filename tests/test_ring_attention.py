@@ -12,7 +12,7 @@ from multiproc import run_ranks
 from parity import TOL, make_inputs, reference
 
 from megalite.ops.attention import block_attention, get_backend
-from megalite.parallel.cp_blocks import merge_partial
+from megalite.ops.doc_attention import merge_partial
 from megalite.parallel.ring_attention import ring_attention
 from megalite.parallel.zigzag import zigzag_split
 

@@ -8,7 +8,11 @@ two blocks: full attention to keys [0, j*c) and causal attention to chunk j itse
 the causal mask is unambiguous), merged by log-sum-exp. The zigzag pair keeps the work even:
 chunk r plus chunk 2*CP-1-r always see 2*CP chunks' worth of keys.
 
-forward: all-gather K/V / backward: all-gather K/V again (not kept: saves memory),
+Packed documents (``document_ids``): the blocks become the doc_attention plan of the local
+query runs against the gathered sequence's document runs (earlier part of the query's document
+as one rectangle, its own positions as a causal square); other documents cost nothing.
+
+forward: all-gather K/V (and the ids) / backward: all-gather K/V again (not kept: saves memory),
 reduce-scatter dK/dV in fp32.
 """
 
@@ -17,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.attention import accumulator_dtype
+from ..ops.doc_attention import WHOLE, Pair, document_spans, plan_pairs, run_backward, run_forward
 from .comm import all_gather_flat, reduce_scatter_flat
-from .cp_blocks import load_block_state, merge_partial, resolve_call, save_block_state
-from .zigzag import zigzag_merge, zigzag_split
+from .cp_blocks import gather_document_ids, load_block_state, resolve_call, save_block_state
+from .zigzag import zigzag_merge, zigzag_pieces, zigzag_split
 
 
 def _gather_kv(k, v, group):
@@ -32,49 +36,38 @@ def _gather_kv(k, v, group):
     return zigzag_merge(list(flat.view(cp, *kv.shape).unbind(0)), dim=2)
 
 
-def _blocks(rank: int, cp: int, half: int, causal: bool):
-    """(query slice, key slice in natural order, causal, first block of these queries)."""
+def all_gather_plan(q, group, causal: bool, document_ids=None) -> list[Pair]:
+    """Kernel calls of this rank's queries against the gathered K/V (natural order)."""
+    cp, rank, s = dist.get_world_size(group), dist.get_rank(group), q.shape[1]
+    if document_ids is not None:
+        ids = gather_document_ids(document_ids, q, group)
+        mine = document_spans(zigzag_split(ids, 1, cp, rank), zigzag_pieces(s, cp, rank))
+        return plan_pairs(mine, document_spans(ids, [(0, cp * s, 0)]), causal)
     if not causal:
-        return [(slice(None), slice(None), False, True)]
-    plan = []
+        return [Pair(WHOLE, WHOLE, WHOLE, False)]
+    plan, half = [], s // 2
     for qs, j in ((slice(0, half), rank), (slice(half, None), 2 * cp - 1 - rank)):
         if j:  # keys of every earlier chunk, unmasked
-            plan.append((qs, slice(0, j * half), False, True))
-        plan.append((qs, slice(j * half, (j + 1) * half), True, not j))
+            plan.append(Pair(WHOLE, qs, slice(0, j * half), False))
+        plan.append(Pair(WHOLE, qs, slice(j * half, (j + 1) * half), True))
     return plan
 
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, backend):
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    def forward(ctx, q, k, v, group, plan, scale, backend):
         kf, vf = _gather_kv(k, v, group).unbind(0)
-        acc = accumulator_dtype(q.dtype)
-        out = torch.empty(q.shape, dtype=acc, device=q.device)
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=acc, device=q.device)  # (B, H, s)
-        for qs, ks, blk_causal, first in _blocks(rank, cp, q.shape[1] // 2, causal):
-            block_out, block_lse = backend.forward(q[:, qs], kf[:, ks], vf[:, ks], blk_causal, scale)
-            if first:
-                out[:, qs], lse[:, :, qs] = block_out, block_lse
-            else:
-                merge_partial(out[:, qs], lse[:, :, qs], block_out, block_lse)
-        return save_block_state(ctx, q, k, v, out, lse, (group, causal, scale, backend))
+        out, lse = run_forward(backend, q, kf, vf, plan, scale)
+        return save_block_state(ctx, q, k, v, out, lse, (group, plan, scale, backend))
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, group, causal, scale, backend = load_block_state(ctx)
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        q, k, v, out, lse, group, plan, scale, backend = load_block_state(ctx)
+        cp = dist.get_world_size(group)
         kf, vf = _gather_kv(k, v, group).unbind(0)
-        dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=lse.dtype)
         dkv = torch.zeros((2, *kf.shape), dtype=lse.dtype, device=q.device)  # whole sequence, natural order
-        for qs, ks, blk_causal, _ in _blocks(rank, cp, q.shape[1] // 2, causal):
-            bq, bk, bv = backend.backward(
-                dout[:, qs], q[:, qs], kf[:, ks], vf[:, ks], out[:, qs], lse[:, :, qs].contiguous(), blk_causal, scale
-            )
-            dq[:, qs] += bq
-            dkv[0][:, ks] += bk
-            dkv[1][:, ks] += bv
+        run_backward(backend, dout.contiguous(), q, kf, vf, out, lse, plan, scale, dq, dkv[0], dkv[1])
         # Back to rank order (each rank's zigzag pair contiguous), then sum over ranks.
         per_rank = torch.stack([zigzag_split(dkv, 2, cp, j) for j in range(cp)])  # (CP, 2, B, s, G, D)
         mine = torch.empty(per_rank.shape[1:], dtype=dkv.dtype, device=dkv.device)
@@ -82,7 +75,11 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None
 
 
-def all_gather_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
-    """Llama 3 style context-parallel attention: all-gather K/V, reduce-scatter dK/dV."""
+def all_gather_attention(
+    q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
+):
+    """Llama 3 style context-parallel attention: all-gather K/V, reduce-scatter dK/dV.
+    ``document_ids`` as in ``ring_attention``."""
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
-    return _AllGatherAttention.apply(q, k, v, group, causal, scale, backend)
+    plan = all_gather_plan(q, group, causal, document_ids)
+    return _AllGatherAttention.apply(q, k, v, group, plan, scale, backend)

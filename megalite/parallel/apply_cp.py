@@ -49,7 +49,8 @@ def validate_cp(model_cfg: ModelConfig, cp: int, comm_type: str, tp: int = 1) ->
 
 class ContextParallelAttention(nn.Module):
     """Drop-in for the model's core attention: q (b, s, h, d), k/v (b, s, g, d) -> (b, s, h, d),
-    where s is this rank's zigzag pair. Stores the group it was built with."""
+    where s is this rank's zigzag pair; ``document_ids`` (b, s) split the same way, or None.
+    Stores the group it was built with."""
 
     def __init__(self, group, comm_type: str = "p2p", causal: bool = True, backend: str = "auto"):
         super().__init__()
@@ -58,8 +59,8 @@ class ContextParallelAttention(nn.Module):
         self.group, self.comm_type, self.causal, self.backend = group, comm_type, causal, backend
         self._attend = CP_ATTENTION[comm_type]
 
-    def forward(self, q, k, v):
-        return self._attend(q, k, v, self.group, causal=self.causal, backend=self.backend)
+    def forward(self, q, k, v, document_ids=None):
+        return self._attend(q, k, v, self.group, causal=self.causal, backend=self.backend, document_ids=document_ids)
 
     def extra_repr(self) -> str:
         return f"comm_type={self.comm_type}, cp={dist.get_world_size(self.group)}, backend={self.backend}"

@@ -1,8 +1,7 @@
 """What the context-parallel attentions share (ring_attention.py, all_gather_attention.py,
-ulysses_attention.py): the call checks, and the bookkeeping of computing attention block by
-block. A query row's partial results from different key blocks merge through their
-log-sum-exp, in the accumulator dtype of megalite.ops.attention (fp32, fp64 for fp64 inputs):
-  lse' = logaddexp(lse, lse_b),  out' = out - sigmoid(lse_b - lse) * (out - out_b).
+ulysses_attention.py): the call checks, the sample's document ids, and the bookkeeping of
+computing attention block by block. Blocks run as plans of kernel calls
+(megalite.ops.doc_attention) whose partial results merge through their log-sum-exp in fp32.
 The backward recomputes each block from the inputs and the merged (out, lse) saved here.
 
 Layout: out (B, S, H, D), lse (B, H, S).
@@ -10,11 +9,12 @@ Layout: out (B, S, H, D), lse (B, H, S).
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..ops.attention import get_backend
+from ..ops.doc_attention import check_document_ids
+from .comm import all_gather_flat
+from .zigzag import zigzag_merge, zigzag_pieces
 
 
 def resolve_call(q, k, v, group, causal, softmax_scale, backend):
@@ -33,13 +33,27 @@ def resolve_call(q, k, v, group, causal, softmax_scale, backend):
     return (softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5), backend
 
 
-def merge_partial(out, lse, block_out, block_lse):
-    """Fold one block's (out, lse) into the accumulators, in place. out (B, S, H, D) and
-    lse (B, H, S) are fp32/fp64 (views allowed); block_out any dtype, block_lse (B, H, S)."""
-    block_lse = block_lse.to(lse.dtype)
-    weight = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, S, H, 1)
-    out.sub_(weight * (out - block_out.to(out.dtype)))
-    lse.sub_(F.logsigmoid(lse - block_lse))
+def gather_document_ids(document_ids, q, group):
+    """The sample's document ids (B, S) in natural order, from every rank's zigzag pair
+    (B, s). Local problems raise before the all-gather; ids decreasing across ranks raise after
+    it, identically on every rank (all of them hold the same gathered ids).
+    forward only: one all-gather of B*s integers."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if cp > 1 and q.shape[1] % 2:
+        raise ValueError(f"local sequence length {q.shape[1]} is odd; document_ids need the zigzag split")
+    check_document_ids(document_ids, q, zigzag_pieces(q.shape[1], cp, rank))
+    if cp == 1:
+        return document_ids.cpu()
+    ids = document_ids.contiguous()
+    flat = ids.new_empty(cp * ids.numel())
+    all_gather_flat(flat, ids.view(-1), group=group)
+    ids = zigzag_merge(list(flat.view(cp, *ids.shape).unbind(0)), dim=1).cpu()
+    if bool((ids[:, 1:] < ids[:, :-1]).any()):
+        raise ValueError(
+            "document_ids decrease along the global sequence (across context-parallel ranks); number the "
+            "documents of each sample in order and split the ids with zigzag_split like the tokens"
+        )
+    return ids
 
 
 def save_block_state(ctx, q, k, v, out, lse, args):

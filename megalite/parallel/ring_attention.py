@@ -13,13 +13,18 @@ Forward, ring step i on rank r holds the K/V pair of rank s = r - i (mod CP):
   s > r   neither incoming chunk precedes local chunk r; both precede local chunk 2*CP-1-r:
           the second half (c queries) attends to the whole block (2c keys).
 So every step after the first computes exactly one half block (c x 2c): the load balance.
-Partial outputs merge through their log-sum-exp in fp32 (cp_blocks.merge_partial).
+Partial outputs merge through their log-sum-exp in fp32 (ops.doc_attention.merge_partial).
 
 Backward: K/V circulate again. dK/dV of the block held at step i >= 1 rides a second ring
 one step behind: rank r adds its part to the partial sum received from r-1 (which held the
 same block one step earlier) and passes it on; after the last step the sum arrives at the
 block's owner, which adds the part it computed at step 0. Each rank sends CP-1 K/V blocks
 forward, CP-1 again backward, and CP-1 dK/dV blocks (fp32), the minimum for a ring.
+
+Packed documents (``document_ids``): each step runs the plan of megalite.ops.doc_attention for
+(local pair, incoming pair), built from the gathered ids: only query and key runs of the same
+document, only keys at or before the queries. A step whose plan is empty computes nothing (its
+K/V still travel on, and its dK/dV partial passes through unchanged).
 
 Communication: forward: CP-1 K/V hops / backward: CP-1 K/V hops + CP-1 dK/dV hops. A size-1
 group is plain causal attention. Layout (batch, seq, heads, head_dim) throughout.
@@ -30,8 +35,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.attention import accumulator_dtype
-from .cp_blocks import load_block_state, merge_partial, resolve_call, save_block_state
+from ..ops.doc_attention import WHOLE, Pair, document_spans, plan_pairs, run_backward, run_forward
+from .cp_blocks import gather_document_ids, load_block_state, resolve_call, save_block_state
+from .zigzag import zigzag_pieces, zigzag_split
 
 
 def ring_peers(group) -> tuple[int, int]:
@@ -60,33 +66,41 @@ def _step_slices(step: int, rank: int, causal: bool, half: int):
     return slice(half, None), whole  # source > r: only the late local chunk sees it, fully
 
 
+def ring_plans(q, group, causal: bool, document_ids=None) -> list[list[Pair]]:
+    """The kernel calls of each ring step on this rank: whole (half) blocks, or with
+    ``document_ids`` the visible (query run, key run) pairs of the local and incoming pairs."""
+    cp, rank, s = dist.get_world_size(group), dist.get_rank(group), q.shape[1]
+    if document_ids is None:
+        return [[Pair(WHOLE, *_step_slices(step, rank, causal, s // 2), causal and step == 0)] for step in range(cp)]
+    ids = gather_document_ids(document_ids, q, group)
+    spans = [document_spans(zigzag_split(ids, 1, cp, j), zigzag_pieces(s, cp, j)) for j in range(cp)]
+    return [plan_pairs(spans[rank], spans[(rank - step) % cp], causal) for step in range(cp)]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, backend):
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        peers, half = ring_peers(group), q.shape[1] // 2
+    def forward(ctx, q, k, v, group, plans, scale, backend):
+        cp = dist.get_world_size(group)
+        peers = ring_peers(group)
         kv = torch.stack([k, v])  # (2, B, S, G, D): one message per hop
         out = lse = None
         for step in range(cp):
             incoming = torch.empty_like(kv) if step + 1 < cp else None
             reqs = exchange([kv], [incoming], peers, group) if incoming is not None else []
-            qs, ks = _step_slices(step, rank, causal, half)
-            block_out, block_lse = backend.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal and step == 0, scale)
-            if step == 0:  # step 0 covers every local query
-                acc = accumulator_dtype(q.dtype)
-                out, lse = block_out.to(acc), block_lse.to(acc).contiguous()
+            if step == 0:  # step 0 covers every local query (each sees at least itself)
+                out, lse = run_forward(backend, q, kv[0], kv[1], plans[0], scale)
             else:
-                merge_partial(out[:, qs], lse[:, :, qs], block_out, block_lse)
+                run_forward(backend, q, kv[0], kv[1], plans[step], scale, acc=(out, lse))
             for req in reqs:
                 req.wait()
             kv = incoming
-        return save_block_state(ctx, q, k, v, out, lse, (group, causal, scale, backend))
+        return save_block_state(ctx, q, k, v, out, lse, (group, plans, scale, backend))
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, group, causal, scale, backend = load_block_state(ctx)
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        peers, half = ring_peers(group), q.shape[1] // 2
+        q, k, v, out, lse, group, plans, scale, backend = load_block_state(ctx)
+        cp = dist.get_world_size(group)
+        peers = ring_peers(group)
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=lse.dtype)
         kv = torch.stack([k, v])
@@ -100,26 +114,14 @@ class _RingAttention(torch.autograd.Function):
                 sends.append(partial)
                 recvs.append(torch.empty_like(partial))
             reqs = exchange(sends, recvs, peers, group)
-            qs, ks = _step_slices(step, rank, causal, half)
-            bq, bk, bv = backend.backward(
-                dout[:, qs],
-                q[:, qs],
-                kv[0][:, ks],
-                kv[1][:, ks],
-                out[:, qs],
-                lse[:, :, qs].contiguous(),
-                causal and step == 0,
-                scale,
-            )
-            dq[:, qs] += bq
+            grads = kv.new_zeros(kv.shape, dtype=lse.dtype)  # this step's dK/dV of the held block
+            run_backward(backend, dout, q, kv[0], kv[1], out, lse, plans[step], scale, dq, grads[0], grads[1])
             for req in reqs:
                 req.wait()
             if step == 0:
-                own = torch.stack([bk, bv]).to(lse.dtype)
+                own = grads
             else:
-                partial = recvs[-1] if step >= 2 else kv.new_zeros(kv.shape, dtype=lse.dtype)
-                partial[0][:, ks] += bk
-                partial[1][:, ks] += bv
+                partial = recvs[-1].add_(grads) if step >= 2 else grads
             if step + 1 < cp:
                 kv = recvs[0]
         if cp > 1:  # last hop: the finished sum reaches its owner (the next rank)
@@ -130,7 +132,9 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None
 
 
-def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
+def ring_attention(
+    q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
+):
     """Exact attention over a sequence sharded in zigzag order over ``group``.
 
     q: (batch, local_seq, heads, head_dim); k, v: (batch, local_seq, kv_heads, head_dim), where the
@@ -138,8 +142,12 @@ def ring_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float 
     Returns (batch, local_seq, heads, head_dim) in q's dtype, differentiable in q, k and v.
     ``causal=False`` is a plain ring over whole blocks (any sharding works then).
     ``backend``: "auto" or a name from megalite.ops.attention (or a backend object).
+    ``document_ids`` (batch, local_seq) integers split like q, non-decreasing along the global
+    sequence: a query sees only keys of its own document (packed samples).
     Every rank of ``group`` must call it with the same shapes.
-    forward: CP-1 K/V ring hops / backward: CP-1 K/V hops + CP-1 fp32 dK/dV hops.
+    forward: CP-1 K/V ring hops (+ one all-gather of the ids) / backward: CP-1 K/V hops + CP-1
+    fp32 dK/dV hops.
     """
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
-    return _RingAttention.apply(q, k, v, group, causal, scale, backend)
+    plans = ring_plans(q, group, causal, document_ids)
+    return _RingAttention.apply(q, k, v, group, plans, scale, backend)

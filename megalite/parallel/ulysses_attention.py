@@ -4,7 +4,8 @@
 
 An all-to-all trades the sequence split for a head split: each rank gets the whole sequence for
 H/CP query heads and G/CP KV heads, runs ordinary causal attention, and a second all-to-all
-trades back. Needs H and G divisible by CP.
+trades back. Needs H and G divisible by CP. With ``document_ids`` every rank gathers the
+sample's ids and its whole-sequence attention runs the doc_attention plan (one call per document).
 
 forward: all-to-all q/k/v (one message), all-to-all out / backward: the same, reversed.
 """
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.attention import block_attention
-from .cp_blocks import resolve_call
+from .cp_blocks import gather_document_ids, resolve_call
 from .zigzag import zigzag_merge, zigzag_split
 
 
@@ -49,8 +50,11 @@ def _all_to_all(x, group, to_heads):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // cp, cp * n, d)  # recv[j]: my sequence, rank j's heads
 
 
-def ulysses_attention(q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
-    """Ulysses (all-to-all) context-parallel attention; H and G must be divisible by CP."""
+def ulysses_attention(
+    q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
+):
+    """Ulysses (all-to-all) context-parallel attention; H and G must be divisible by CP.
+    ``document_ids`` as in ``ring_attention``."""
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
     cp = dist.get_world_size(group)
     b, s, h, d = q.shape
@@ -60,10 +64,11 @@ def ulysses_attention(q, k, v, group, *, causal: bool = True, softmax_scale: flo
             f"--cp-comm-type a2a needs query heads ({h}) and kv heads ({g}) divisible by "
             f"the context-parallel size {cp}; use p2p or all_gather"
         )
+    ids = None if document_ids is None else gather_document_ids(document_ids, q, group)  # natural order
     # One message: for each destination rank, its q heads then its k and v heads.
     qkv = torch.cat([t.reshape(b, s, cp, -1, d) for t in (q, k, v)], dim=3).flatten(2, 3)
     qkv = zigzag_merge(_AllToAll.apply(qkv, group, True), 1, cp)  # (B, S, (H + 2G)/CP, D), natural order
     qh, kh, vh = qkv.split([h // cp, g // cp, g // cp], dim=2)
-    out = block_attention(qh, kh, vh, causal=causal, softmax_scale=scale, backend=backend)
+    out = block_attention(qh, kh, vh, causal=causal, softmax_scale=scale, backend=backend, document_ids=ids)
     out = torch.cat([zigzag_split(out, 1, cp, j) for j in range(cp)], dim=1)  # rank order
     return _AllToAll.apply(out, group, False)

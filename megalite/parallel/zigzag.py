@@ -57,3 +57,12 @@ def zigzag_merge(gathered: torch.Tensor | Sequence[torch.Tensor], dim: int, cp_s
 def zigzag_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """Natural positions of this rank's tokens (shape [seq_len / cp_size], int64)."""
     return zigzag_split(torch.arange(seq_len, device=device), 0, cp_size, cp_rank)
+
+
+def zigzag_pieces(local_len: int, cp_size: int, cp_rank: int) -> list[tuple[int, int, int]]:
+    """This rank's local sequence as (local start, local stop, global start) of each chunk it
+    holds: chunks cp_rank and 2*cp_size-1-cp_rank (the whole sequence for cp_size 1)."""
+    if cp_size == 1:
+        return [(0, local_len, 0)]
+    c = local_len // 2
+    return [(0, c, cp_rank * c), (c, 2 * c, (2 * cp_size - 1 - cp_rank) * c)]
