@@ -226,7 +226,7 @@ def _cp_vs_dense(rank, world):
         dist.all_reduce(calls, group=group)
         assert calls.tolist() == [visible_chunk_pairs(ids, world)] * 2
     # Documents inside single chunks: every step after the first has nothing to compute.
-    assert all(not plan for plan in ring_plans(q[:2], group, True, local(ids))[1:])
+    assert all(not plan for plan in ring_plans(world, rank, seq // world, True, ids)[1:])
 
     # Bad ids raise on every rank (before any collective where the problem is local).
     good = local(doc_ids(11, 3, seq, 4))

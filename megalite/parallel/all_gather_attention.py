@@ -36,11 +36,11 @@ def _gather_kv(k, v, group):
     return zigzag_merge(list(flat.view(cp, *kv.shape).unbind(0)), dim=2)
 
 
-def all_gather_plan(q, group, causal: bool, document_ids=None) -> list[Pair]:
-    """Kernel calls of this rank's queries against the gathered K/V (natural order)."""
-    cp, rank, s = dist.get_world_size(group), dist.get_rank(group), q.shape[1]
-    if document_ids is not None:
-        ids = gather_document_ids(document_ids, q, group)
+def all_gather_plan(cp: int, rank: int, local_len: int, causal: bool, ids=None) -> list[Pair]:
+    """Kernel calls of ``rank``'s queries against the gathered K/V (natural order); with the
+    sample's document ids ``ids`` (B, S), natural order, only the visible document runs."""
+    s = local_len
+    if ids is not None:
         mine = document_spans(zigzag_split(ids, 1, cp, rank), zigzag_pieces(s, cp, rank))
         return plan_pairs(mine, document_spans(ids, [(0, cp * s, 0)]), causal)
     if not causal:
@@ -81,5 +81,6 @@ def all_gather_attention(
     """Llama 3 style context-parallel attention: all-gather K/V, reduce-scatter dK/dV.
     ``document_ids`` as in ``ring_attention``."""
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
-    plan = all_gather_plan(q, group, causal, document_ids)
+    ids = None if document_ids is None else gather_document_ids(document_ids, q, group)
+    plan = all_gather_plan(dist.get_world_size(group), dist.get_rank(group), q.shape[1], causal, ids)
     return _AllGatherAttention.apply(q, k, v, group, plan, scale, backend)

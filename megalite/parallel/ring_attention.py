@@ -66,14 +66,15 @@ def _step_slices(step: int, rank: int, causal: bool, half: int):
     return slice(half, None), whole  # source > r: only the late local chunk sees it, fully
 
 
-def ring_plans(q, group, causal: bool, document_ids=None) -> list[list[Pair]]:
-    """The kernel calls of each ring step on this rank: whole (half) blocks, or with
-    ``document_ids`` the visible (query run, key run) pairs of the local and incoming pairs."""
-    cp, rank, s = dist.get_world_size(group), dist.get_rank(group), q.shape[1]
-    if document_ids is None:
-        return [[Pair(WHOLE, *_step_slices(step, rank, causal, s // 2), causal and step == 0)] for step in range(cp)]
-    ids = gather_document_ids(document_ids, q, group)
-    spans = [document_spans(zigzag_split(ids, 1, cp, j), zigzag_pieces(s, cp, j)) for j in range(cp)]
+def ring_plans(cp: int, rank: int, local_len: int, causal: bool, ids=None) -> list[list[Pair]]:
+    """The kernel calls of each ring step on ``rank``: whole (half) blocks, or with the sample's
+    document ids ``ids`` (B, S) in natural order the visible (query run, key run) pairs of the
+    local and incoming zigzag pairs. A pure function (benchmarks count work with it)."""
+    if ids is None:
+        return [
+            [Pair(WHOLE, *_step_slices(step, rank, causal, local_len // 2), causal and step == 0)] for step in range(cp)
+        ]
+    spans = [document_spans(zigzag_split(ids, 1, cp, j), zigzag_pieces(local_len, cp, j)) for j in range(cp)]
     return [plan_pairs(spans[rank], spans[(rank - step) % cp], causal) for step in range(cp)]
 
 
@@ -149,5 +150,6 @@ def ring_attention(
     fp32 dK/dV hops.
     """
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
-    plans = ring_plans(q, group, causal, document_ids)
+    ids = None if document_ids is None else gather_document_ids(document_ids, q, group)
+    plans = ring_plans(dist.get_world_size(group), dist.get_rank(group), q.shape[1], causal, ids)
     return _RingAttention.apply(q, k, v, group, plans, scale, backend)
