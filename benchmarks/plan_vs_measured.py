@@ -28,7 +28,7 @@ from megalite import config as C
 from megalite.data.default_corpus import ensure_default_corpus
 from megalite.data.tokenizer import Tokenizer
 from megalite.plan import hardware
-from megalite.plan.runtime import job_of
+from megalite.plan.options import job_from
 from megalite.plan.search import predict
 from megalite.plan.spec import Layout
 
@@ -74,7 +74,7 @@ def predicted(ranks: int, flags: list[str], vocab: int, hw) -> dict:
     cfg.train.global_batch_size = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp
     sp = p.sequence_parallel and p.tensor_parallel_size > 1
     lay = Layout(tp=p.tensor_parallel_size, cp=p.context_parallel_size, dp=dp, sp=sp, cp_comm=p.cp_comm_type)
-    pred = predict(job_of(cfg, vocab), lay, hw, ranks)
+    pred = predict(job_from(cfg, vocab), lay, hw, ranks)
     return {"step_time_s": pred.step_time_s, "mem_gib": pred.mem_gib, "breakdown": pred.as_dict()}
 
 

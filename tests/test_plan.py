@@ -214,3 +214,34 @@ def test_pretrain_prediction_line_warning_and_comparison(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=2**20))
     gpu = runtime.PlanCheck(cfg, 500, dims, torch.device("cuda", 0), 8)
     assert gpu.hw.name == "h100-sxm" and "exceeds this GPU's 0.0 GiB" in gpu.memory_warning()
+
+
+@pytest.mark.parametrize(
+    "fsdp,precision,sharding,d,expected",
+    [
+        (False, "bf16", "no_shard", 4, 18),  # Megatron: bf16 weights + fp32 grads + master, m, v
+        (False, "bf16", "optim", 4, 6 + 12 / 4),  # Megatron's distributed optimizer
+        (False, "fp32", "no_shard", 1, 16),  # megalite's DDP
+        (True, "bf16", "optim", 4, 16 / 4),  # FSDP2: optim runs as optim_grads
+        (True, "fp32", "optim_grads_params", 2, 16 / 2),
+    ],
+)
+def test_state_bytes_per_parameter_by_strategy(fsdp, precision, sharding, d, expected):
+    from megalite.plan.memory import state_bytes_per_param
+
+    job = Job(model=C.ModelConfig(), vocab_size=100, seq_length=64, global_batch_size=1, precision=precision,
+              sharding=sharding, fsdp=fsdp)  # fmt: skip
+    per = state_bytes_per_param(job, d)
+    assert per["weights"] + per["grads"] + per["optimizer"] == pytest.approx(expected)
+
+
+def test_tiled_mlp_and_fused_loss_shrink_what_they_target():
+    from megalite.plan.memory import head_bytes, layer_activation_bytes
+
+    m = C.ModelConfig(hidden_size=256, num_attention_heads=4, swiglu=True, seq_length=4096)
+    plain = Job(model=m, vocab_size=32000, seq_length=4096, global_batch_size=1)
+    tiled = Job(**{**plain.__dict__, "mlp_tile": 512, "loss_chunk": 512})
+    mlp = 4 * plain.act_bytes * m.ffn_size * 4096  # SwiGLU's four saved intermediates
+    assert layer_activation_bytes(plain, Layout(), 4096) - layer_activation_bytes(tiled, Layout(), 4096) == mlp
+    (saved, transient), (saved_t, transient_t) = head_bytes(plain, Layout(), 4096), head_bytes(tiled, Layout(), 4096)
+    assert saved_t < saved / 8 and transient_t == transient * 512 / 4096 * 10 / 8

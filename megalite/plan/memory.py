@@ -8,12 +8,14 @@ bytes (parameter dtype), h hidden, n heads, g KV heads, d head dim, f MLP width,
   qkv and fc1 inputs       2 a h      (never /t: under SP the all-gathered input is what is saved)
   q, k, v, out, proj input a (3 n + 2 g) d / t; out is fp32 under CP (the merged partials)
   log-sum-exp              4 n / t
-  MLP                      2 a f / t (GELU: fc1 and GELU outputs), 4 a f / t (SwiGLU)
-Selective recompute drops out and lse; full recompute keeps r h per layer (the layer input)
-and rebuilds one layer at a time in backward. Korthikanti et al. (2022) count 34 s b h + 5 a s^2 b
-for Megatron with dropout masks and a materialised score matrix; megalite has neither (fused
-attention, no dropout masks at p = 0), but saves linear inputs twice under SP, so its own
-formula is used; ``Job.megatron`` switches to theirs for published runs.
+  MLP                      2 a f / t (GELU: fc1 and GELU outputs), 4 a f / t (SwiGLU); 0 when
+                           sequence-tiled (--mlp-tile-size: each tile is recomputed in backward)
+Selective recompute drops out and lse; full recompute keeps r h per layer (the layer input;
+in host memory for offloaded layers) and rebuilds one layer at a time in backward.
+Korthikanti et al. (2022) count 34 s b h + 5 a s^2 b for Megatron with dropout masks and a
+materialised score matrix; megalite has neither (fused attention, no dropout masks at p = 0),
+but saves linear inputs at full length under SP, so its own formula is used; ``Job.megatron``
+switches to theirs for published runs.
 """
 
 from __future__ import annotations
@@ -54,16 +56,34 @@ def stage_params(job: Job, lay: Layout) -> float:
 
 
 def state_bytes_per_param(job: Job, shard: int) -> dict:
-    """(weights, grads, optimizer) bytes per parameter for the sharding strategy over ``shard``
-    = DP x CP ranks. fp32 and bf16-autocast: fp32 weights (the masters), fp32 grads, Adam m, v;
-    bf16: bf16 weights + fp32 grads + fp32 master, m, v (Megatron's 6 + 12/d with ``optim``)."""
+    """Bytes per parameter of weights, grads and optimizer state at rest, and of the working set
+    (``gathered``: compute weights held between forward and backward), over ``shard`` = DP x CP.
+
+    DDP / Megatron: fp32 and bf16-autocast keep fp32 weights (the masters), fp32 grads, Adam m, v;
+    bf16 adds bf16 weights to an fp32 master (Megatron's 18, or 6 + 12/d with ``optim``).
+    FSDP2 (``job.fsdp``, megalite's sharded path): fp32 masters, fp32 grads and Adam (16 bytes) at
+    rest, divided by d unless ``no_shard`` (``optim`` runs as ``optim_grads``: FSDP2 cannot shard
+    only the optimizer); the compute copy (4 or 2 bytes) is gathered for the whole model between
+    forward and backward, or one layer at a time with ``optim_grads_params``."""
+    s = job.sharding
+    if job.fsdp:
+        d = 1 if s == "no_shard" else shard
+        compute = 2 if job.precision == "bf16" else 4
+        return {
+            "weights": 4 / d,
+            "grads": 4 / d,
+            "optimizer": 8 / d,
+            "gathered": compute,
+            "per_layer": s == "optim_grads_params",
+        }
     w = job.param_bytes
     opt = 8 + (4 if job.precision == "bf16" else 0)
-    s = job.sharding
     return {
         "weights": w / shard if s == "optim_grads_params" else w,
         "grads": 4 / shard if s in ("optim_grads", "optim_grads_params") else 4,
         "optimizer": opt / shard if s != "no_shard" else opt,
+        "gathered": w if s == "optim_grads_params" else 0,
+        "per_layer": True,
     }
 
 
@@ -78,8 +98,9 @@ def layer_activation_bytes(job: Job, lay: Layout, tokens: float) -> float:
     residual = 2 * r * h / (t if lay.sp else 1)
     if job.recompute == "full":
         return tokens * residual / 2
-    out_bytes = 4 if lay.cp > 1 else a
-    per_token = residual + 16 + 2 * a * h + a * (2 * n + 2 * g) * d + (4 if m.swiglu else 2) * a * f
+    out_bytes = 4 if lay.cp > 1 and lay.cp_comm in ("p2p", "a2a+p2p") else a  # the ring's merged output
+    mlp = 0 if job.mlp_tile else (4 if m.swiglu else 2) * a * f  # tiled: only the input, already counted
+    per_token = residual + 16 + 2 * a * h + a * (2 * n + 2 * g) * d + mlp
     if job.recompute != "selective":
         per_token += out_bytes * n * d + 4 * n
     return tokens * per_token
@@ -101,14 +122,17 @@ def head_bytes(job: Job, lay: Layout, tokens: float) -> tuple[float, float]:
     Saved: the final norm's input, output and statistics, the token ids and labels, and the
     loss's fp32 softmax over this rank's vocabulary; transient in backward: the fp32 gradient of
     the softmax input and the logits' gradient in the compute dtype (under bf16 twice: cast back
-    from the fp32 loss, then through the padding mask). With a fused, token-tiled loss only one
-    chunk of the vocabulary-wide tensors exists at a time."""
+    from the fp32 loss, then through the padding mask). With the fused, token-tiled loss only one
+    chunk of the vocabulary-wide tensors exists at a time, and its gradient is taken in forward."""
     m = job.model
     v = padded_vocab_size(job.vocab_size, m.make_vocab_size_divisible_by, lay.tp) / lay.tp
-    chunk = min(tokens, job.loss_chunk) if job.loss_chunk else tokens
+    chunk = min(tokens, job.loss_chunk or tokens)
     norm = tokens * (job.param_bytes * m.hidden_size / (lay.tp if lay.sp else 1) + job.act_bytes * m.hidden_size + 8)
+    if job.loss_chunk:  # the loss's gradient is taken chunk by chunk in forward: kept are the fp32
+        # gradient of the final norm's output and of the output weight
+        return norm + 16 * tokens + 4 * tokens * m.hidden_size + 4 * v * m.hidden_size, chunk * v * (8 + job.act_bytes)
     cast = job.act_bytes if job.act_bytes < 4 else 0
-    return norm + 16 * tokens + 4 * chunk * v, chunk * v * (4 + job.act_bytes + cast)
+    return norm + 16 * tokens + 4 * tokens * v, tokens * v * (4 + job.act_bytes + cast)
 
 
 def cp_buffer_bytes(job: Job, lay: Layout, tokens: float) -> float:
@@ -142,19 +166,24 @@ def breakdown(job: Job, lay: Layout, baseline_gib: float = 0.0) -> dict:
     tokens = job.micro_batch_size * job.seq_length / lay.cp
     layers = math.ceil(m.num_layers / lay.pp)
     held = in_flight_micro_batches(lay, lay.micro_batches(job))
-    acts = layers * held * layer_activation_bytes(job, lay, tokens)
+    on_device = layers - (min(job.offload_layers, layers) if job.recompute == "full" else 0)
+    acts = on_device * held * layer_activation_bytes(job, lay, tokens)
     rope = 2 * 4 * tokens * m.head_dim if m.position_embedding_type == "rope" else 0
     head_saved, head_transient = head_bytes(job, lay, tokens)
     acts += rope + head_saved
     persistent = 0.0
-    if job.sharding == "no_shard" and lay.dp * lay.cp > 1:
+    if not (job.fsdp or job.megatron) and job.sharding == "no_shard" and lay.dp * lay.cp > 1:
         persistent += 4 * params  # DDP's flat gradient buckets
+    gathered = per["gathered"] * (2 * layer_params(job, lay.tp) if per["per_layer"] else params)
+    mlp_tile = 0.0
+    if job.mlp_tile and job.recompute != "full":  # one tile's intermediates, rebuilt in backward
+        mlp_tile = min(job.mlp_tile, tokens) * (4 if m.swiglu else 2) * job.act_bytes * m.ffn_size / lay.tp
     if job.precision == "bf16-autocast":  # autocast's bf16 weight copies, saved for backward
         saved_layers = 0 if job.recompute == "full" else layers
         acts += 2 * (saved_layers * layer_weights(m) + output_weights(m, job.vocab_size, lay.tp)) / lay.tp
     out_grad = per["grads"] * output_weights(m, job.vocab_size, lay.tp) / lay.tp
     moments = {
-        "start of backward": (acts, 0.0, head_transient + cp_buffer_bytes(job, lay, tokens)),
+        "start of backward": (acts, 0.0, gathered + head_transient + mlp_tile + cp_buffer_bytes(job, lay, tokens)),
         "end of backward": (0.0, per["grads"] * params, 0.0),
     }
     if job.recompute == "full":  # the loss is done; the last layer is rebuilt (with its weight casts)
@@ -166,7 +195,7 @@ def breakdown(job: Job, lay: Layout, baseline_gib: float = 0.0) -> dict:
         moments["last layer recomputed"] = (
             layer_acts,
             out_grad,
-            rebuilt + incoming + cp_buffer_bytes(job, lay, tokens),
+            gathered + rebuilt + incoming + cp_buffer_bytes(job, lay, tokens),
         )
     moment, (live_acts, grads, transient) = max(moments.items(), key=lambda kv: sum(kv[1]))
     out = {

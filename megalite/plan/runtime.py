@@ -9,8 +9,9 @@ import torch
 
 from ..config import Config
 from . import hardware
+from .options import job_from
 from .search import Prediction, predict
-from .spec import Job, Layout
+from .spec import Layout
 
 # CUDA device-name words -> preset; the first match wins (variants first, as metrics.KNOWN_PEAK_TFLOPS)
 GPU_PRESETS = ((("H200",), "h200"), (("H100",), "h100-sxm"), (("A100",), "a100-80gb"), (("B200",), "b200"))
@@ -29,19 +30,6 @@ def hardware_for(device: torch.device) -> hardware.Hardware | None:
     return None
 
 
-def job_of(cfg: Config, vocab: int) -> Job:
-    t = cfg.train
-    return Job(
-        model=cfg.model,
-        vocab_size=vocab,
-        seq_length=cfg.model.seq_length,
-        global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size,
-        precision="bf16-autocast" if t.bf16 else "fp32",
-        recompute=cfg.model.recompute_granularity,
-    )
-
-
 class PlanCheck:
     """Prediction for this run, and the comparison once the first iterations are measured."""
 
@@ -50,7 +38,7 @@ class PlanCheck:
         self.layout = Layout(tp=dims.tp, cp=dims.cp, dp=dims.dp, sp=dims.sequence_parallel, cp_comm=p.cp_comm_type)
         self.hw = hardware_for(device)
         ref = self.hw or hardware.load("h100-sxm")  # memory needs no rates, only the baseline
-        self.pred: Prediction = predict(job_of(cfg, vocab), self.layout, ref, gpus_per_node)
+        self.pred: Prediction = predict(job_from(cfg, vocab), self.layout, ref, gpus_per_node)
         if self.hw is None:
             self.pred.memory["total"] -= self.pred.memory["baseline"]
         self.device, self.steps, self.mem, self.done = device, [], 0.0, False

@@ -11,7 +11,15 @@ from .memory import GIB, breakdown
 from .spec import Job, Layout
 from .timing import step_time
 
-CP_COMMS = ("p2p", "all_gather", "a2a")
+
+def cp_comms() -> list[str]:
+    """pretrain.py's --cp-comm-type choices (a2a+p2p once megalite has it)."""
+    from ..config import ParallelConfig
+
+    field = next(f for f in dataclasses.fields(ParallelConfig) if f.name == "cp_comm_type")
+    return list(field.metadata["choices"])
+
+
 RECOMPUTE = (None, "selective", "full")
 
 
@@ -112,12 +120,18 @@ def layouts(job: Job, gpus: int, gpus_per_node: int, fixed: dict) -> list[tuple[
                     continue
                 vpps = [fixed["vpp"]] if "vpp" in fixed else [v for v in (1, 2, 4, 8) if (m.num_layers // pp) % v == 0]
                 for vpp in vpps if pp > 1 else [1]:
-                    comms = [fixed["cp_comm"]] if "cp_comm" in fixed else CP_COMMS
+                    comms = [fixed["cp_comm"]] if "cp_comm" in fixed else cp_comms()
                     for comm in comms if cp > 1 else ["p2p"]:
                         if comm == "a2a" and (m.num_kv_heads // tp) % cp:
                             continue
+                        hier = job.hier_a2a
+                        if comm == "a2a+p2p" and not hier:  # the largest all-to-all group inside a node
+                            fits = [a for a in _divisors(cp) if 1 < a < cp and tp * a <= gpus_per_node]
+                            if not fits:
+                                continue
+                            hier = fits[-1]
                         for rc in [fixed["recompute"]] if "recompute" in fixed else RECOMPUTE:
-                            variant = dataclasses.replace(job, recompute=rc)
+                            variant = dataclasses.replace(job, recompute=rc, hier_a2a=hier)
                             out.append((variant, Layout(tp, cp, dp, pp, vpp, sp, comm)))
     return out
 

@@ -15,7 +15,9 @@ class Job:
 
     ``precision``: "fp32"; "bf16-autocast" (fp32 parameters under bf16 autocast: megalite's
     --bf16 before bf16 parameters); "bf16" (bf16 compute parameters, fp32 master weights and
-    gradients, Megatron's mixed precision). ``megatron``: model Megatron-LM's kernels instead of
+    gradients, Megatron's mixed precision). ``sharding`` is Megatron's strategy names; with
+    ``fsdp`` it means what megalite's FSDP2 path does with them (see memory.state_bytes_per_param).
+    ``megatron``: model Megatron-LM's kernels instead of
     megalite's (fused residual/norm, activation memory of Korthikanti et al.), for published runs."""
 
     model: ModelConfig
@@ -28,6 +30,11 @@ class Job:
     sharding: str = "no_shard"
     doc_length: float | None = None  # mean document length under --reset-attention-mask
     loss_chunk: int | None = None  # fused output layer + loss, tokens per chunk (None: plain)
+    mlp_tile: int = 0  # tokens per MLP tile (sequence-tiled MLP, intermediates recomputed), 0: off
+    offload_layers: int = 0  # layers whose full-recompute inputs live in host memory (CUDA)
+    hier_a2a: int = 0  # a2a+p2p: all-to-all group size A (the ring spans CP / A groups)
+    fsdp: bool = False  # FSDP2 data parallel (megalite's sharded path); False: DDP, or Megatron's optimizer
+    overlap_grad_reduce: bool = True
     megatron: bool = False
     flash_attention: bool = True  # False: scores materialised (Megatron before flash attention)
     tp_overlap: bool = False  # Megatron's --tp-comm-overlap (published runs); megalite's TP is in line

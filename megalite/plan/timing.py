@@ -12,9 +12,10 @@ Communication, α-β per collective on the link the group spans (a group whose m
   CP   p2p: CP-1 K/V hops forward, K/V + fp32 dK/dV hops backward, each hidden behind one
        block of attention (ring_attention posts the next hop first), only the excess exposed;
        all_gather: K/V gathered / dK/dV reduce-scattered, exposed; a2a: 4 all-to-alls each way;
-  DP   one gradient reduction over DP x CP per step, overlapped with the last micro-batch's
-       backward (DDP's buckets) except the last bucket; sharded strategies reduce-scatter
-       gradients and all-gather weights (optim_grads_params: every micro-batch, each way).
+       a2a+p2p: the all-to-alls inside groups of A (one node), the ring across CP / A groups;
+  DP   gradient reduction (and sharded weights' gathers) over DP x CP, see _dp_time.
+Sequence-tiled MLP: the MLP forward runs again in backward. Activation offload: the copies to
+and from host memory are assumed hidden behind compute (they are asynchronous).
 Pipeline: 1F1B over p stages and m micro-batches takes (m + (p - 1) / v) stage-times with v
 virtual stages per rank (Narayanan et al.): the bubble is (p - 1) / (v m) of the useful time.
 """
@@ -72,6 +73,7 @@ class _Rank:
     def __init__(self, job: Job, lay: Layout, hw: Hardware, gpus_per_node: int):
         self.job, self.lay, self.hw = job, lay, hw
         self.tokens = job.micro_batch_size * job.seq_length / lay.cp
+        self.gpus_per_node = gpus_per_node
         self.tp_link = link(hw, 1, lay.tp, gpus_per_node)
         self.cp_link = link(hw, lay.tp, lay.cp, gpus_per_node)
         self.overlap = hw.overlap
@@ -118,6 +120,8 @@ class _Rank:
             bwd += fwd
         elif job.recompute == "selective":
             bwd += attn_f
+        if job.mlp_tile and job.recompute != "full":  # each tile's intermediates rebuilt in backward
+            bwd += mlp
         return {"fwd": fwd, "bwd": bwd, "comm": 2 * tp + cp_f + cp_b + (tp + cp_f if job.recompute == "full" else 0)}
 
     def _cp(self, a, kv_width, q_width, attn_f, attn_b):
@@ -137,6 +141,15 @@ class _Rank:
         if lay.cp_comm == "all_gather":
             ag = self.cp_link.time("all_gather", kv * cp, cp)
             return ag, ag + self.cp_link.time("reduce_scatter", kv * cp * 4 / a, cp)
+        if lay.cp_comm == "a2a+p2p":  # all-to-all inside groups of A, a ring of the A-token blocks across them
+            a_size, rings = self.job.hier_a2a, cp // self.job.hier_a2a
+            inner = link(self.hw, lay.tp, a_size, self.gpus_per_node)
+            a2a = inner.time("all_to_all", self.tokens * (2 * q_width + 2 * kv_width) * a, a_size)
+            outer = link(self.hw, lay.tp * a_size, rings, self.gpus_per_node)
+            hop_f, hop_b = outer.time("p2p", kv, 2), outer.time("p2p", kv * (1 + 4 / a), 2)
+            f = a2a + (rings - 1) * max(hop_f - self.overlap * attn_f / rings, (1 - self.overlap) * hop_f)
+            b = a2a + (rings - 1) * max(hop_b - self.overlap * attn_b / rings, (1 - self.overlap) * hop_b)
+            return f, b + (hop_b if rings > 1 else 0.0)
         a2a = self.cp_link.time("all_to_all", self.tokens * (2 * q_width + 2 * kv_width) * a, cp)
         return a2a, a2a
 
@@ -174,23 +187,31 @@ def step_time(job: Job, lay: Layout, hw: Hardware, gpus_per_node: int) -> StepTi
 
 
 def _dp_time(job, lay, hw, gpus_per_node, params, shard, micro_batches, backward, forward):
-    """Exposed seconds of the DP x CP gradient (and weight) traffic of one step: gradient
-    reductions hide behind the last micro-batch's backward, bar the last bucket; sharded
-    weights' all-gathers are prefetched behind the forward."""
+    """Exposed seconds of the DP x CP gradient (and weight) traffic of one step.
+
+    no_shard: one all-reduce of the fp32 gradients after the last micro-batch. Sharded: a
+    reduce-scatter of the gradients and an all-gather of the compute weights; Megatron's
+    distributed optimizer does them once per step, FSDP2 every micro-batch (twice the gather
+    with optim_grads_params, whose weights are freed after forward). Reductions hide behind
+    backward (DDP's buckets; FSDP2 with --overlap-grad-reduce) bar the last bucket, gathers behind
+    forward (prefetch)."""
     if shard == 1:
         return 0.0
     dp_link = link(hw, lay.tp, shard, gpus_per_node)
-    grads = params * 4
+    grads, weights = params * 4, params * (2 if job.precision == "bf16" else 4)
+    per_step = 1 if not job.fsdp else micro_batches
     if job.sharding == "no_shard":
         reduce, gather = dp_link.time("all_reduce", grads, shard), 0.0
     else:
-        reduce = dp_link.time("reduce_scatter", grads, shard)
-        gather = dp_link.time("all_gather", params * job.param_bytes, shard)
-    if job.sharding == "optim_grads_params":  # weights gathered again for every micro-batch, both ways
-        gather *= 2 * micro_batches
+        reduce = per_step * dp_link.time("reduce_scatter", grads, shard)
+        gather = per_step * dp_link.time("all_gather", weights, shard)
+    if job.sharding == "optim_grads_params":
+        gather *= 2 if job.fsdp else 2 * micro_batches
     layers = max(job.model.num_layers, 1)
+    overlap = hw.overlap if (job.overlap_grad_reduce or not job.fsdp) else 0.0
 
-    def exposed(total, behind):
-        return max(total - hw.overlap * behind * (1 - 1 / layers), total * (1 - hw.overlap), total / layers)
+    def exposed(total, behind, overlap):
+        return max(total - overlap * behind * (1 - 1 / layers), total * (1 - overlap), total / layers)
 
-    return exposed(reduce, backward) + (exposed(gather, forward * micro_batches) if gather else 0.0)
+    hidden_reduce = exposed(reduce, backward * (per_step if job.sharding != "no_shard" else 1), overlap)
+    return hidden_reduce + (exposed(gather, forward * micro_batches, hw.overlap) if gather else 0.0)
