@@ -59,6 +59,23 @@ class ModelConfig:
         False, "--untie-embeddings-and-output-weights", "separate output layer"
     )
     add_bias_linear: bool = _f(True, "--add-bias-linear", "biases in linear layers", negative="--disable-bias-linear")
+    add_qkv_bias: bool = _f(
+        False, "--add-qkv-bias", "bias in the QKV projection even with --disable-bias-linear (Qwen2)"
+    )
+    use_rope_scaling: bool = _f(False, "--use-rope-scaling", "Llama 3.1 RoPE frequency scaling (context extension)")
+    rope_scaling_factor: float = _f(8.0, "--rope-scaling-factor", "Llama 3.1 scaling: long-wavelength divisor")
+    rope_scaling_low_freq_factor: float = _f(
+        1.0, "--rope-scaling-low-freq-factor", "Llama 3.1 scaling: low_freq_factor"
+    )
+    rope_scaling_high_freq_factor: float = _f(
+        4.0, "--rope-scaling-high-freq-factor", "Llama 3.1 scaling: high_freq_factor"
+    )
+    rope_scaling_original_max_position_embeddings: int = _f(
+        8192, "--rope-scaling-original-max-position-embeddings", "Llama 3.1 scaling: the original context length"
+    )
+    rotary_seq_len_interpolation_factor: float | None = _f(
+        None, "--rotary-seq-len-interpolation-factor", "linear RoPE position interpolation: positions / factor"
+    )
     init_method_std: float = _f(0.02, "--init-method-std", "init std of weights")
     attention_dropout: float = _f(0.0, "--attention-dropout", "attention probability dropout")
     hidden_dropout: float = _f(0.0, "--hidden-dropout", "residual-branch dropout")
@@ -156,6 +173,11 @@ class CheckpointConfig:
     save: str | None = _f(None, "--save", "checkpoint directory")
     load: str | None = _f(None, "--load", "checkpoint directory to resume from")
     save_interval: int | None = _f(None, "--save-interval", "save every N steps")
+    finetune: bool = _f(
+        False, "--finetune", "--load only the weights: iteration, optimizer, RNG and data position start fresh"
+    )
+    load_optim: bool = _f(True, "--load-optim", "--load the optimizer state (--no-load-optim: fresh AdamW moments)")
+    load_rng: bool = _f(True, "--load-rng", "--load the RNG streams (--no-load-rng: reseed from --seed)")
     exit_signal_handler: bool = _f(False, "--exit-signal-handler", "on SIGTERM save and exit")
 
 
@@ -403,6 +425,14 @@ def validate(cfg: Config) -> None:
     problem = check_data_flags(cfg)
     if problem:
         raise ConfigError(problem)
+    ck = cfg.checkpoint
+    chosen = {"--finetune": ck.finetune, "--no-load-optim": not ck.load_optim, "--no-load-rng": not ck.load_rng}
+    given = [flag for flag, on in chosen.items() if on]
+    if given and not ck.load:
+        raise ConfigError(f"{', '.join(given)} given without --load DIR (they choose what --load restores)")
+    from .rope import validate_rope  # its own module: RoPE variants are a unit
+
+    validate_rope(m)
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

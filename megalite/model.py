@@ -37,11 +37,14 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig, padded_vocab_size
 from .ops.attention import causal_attention
 from .ops.norm import build_norm
+from .rope import inv_frequencies, plain_inv_frequencies
 
 
-def rope_tables(position_ids, dim: int, base: float):
-    """cos/sin of shape (b, s, 1, dim) for rotate-half RoPE, computed in fp32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+def rope_tables(position_ids, dim: int, base: float, inv_freq=None):
+    """cos/sin of shape (b, s, 1, dim) for rotate-half RoPE, computed in fp32. ``inv_freq`` [dim/2]
+    replaces the plain frequencies of ``base`` (context-extension scaling, megalite.rope)."""
+    if inv_freq is None:
+        inv_freq = plain_inv_frequencies(dim, base, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # (b, s, dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
@@ -76,7 +79,7 @@ class Attention(nn.Module):
         # Rows grouped per query group: [q heads of g0, k0, v0 | q heads of g1, k1, v1 | ...],
         # so a contiguous row block (one TP rank's) holds whole groups.
         qkv_out = (heads + 2 * groups) * self.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear)
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear or cfg.add_qkv_bias)
         self.proj = nn.Linear(heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
         self.core_attention = CoreAttention(cfg.attention_dropout, cfg.use_flash_attn)
 
@@ -221,7 +224,8 @@ class GPT(nn.Module):
         x = self.embedding(tokens, position_ids)
         rope = None  # cos/sin tables, computed once per forward and shared by all layers
         if self.cfg.position_embedding_type == "rope":
-            rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rotary_base)
+            inv_freq = inv_frequencies(self.cfg, position_ids.device)
+            rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rotary_base, inv_freq)
         for layer in self.layers:
             if self.full_recompute and self.training:
                 x = checkpoint(layer, x, rope, use_reentrant=False)

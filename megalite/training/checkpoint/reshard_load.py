@@ -77,35 +77,40 @@ def _optimizer_state(reader: _Reader, model, optimizer, split: dict, tp_rank: in
 
 def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
     """Load model, optimizer and RNG into this rank's (possibly differently laid out) model.
-    Returns meta (iteration, consumed_samples). Call check_compatible first."""
+    Returns meta (iteration, consumed_samples; both 0 under --finetune). Call check_compatible first.
+    --finetune loads the weights only (Megatron's meaning); --no-load-optim and --no-load-rng
+    leave out one part each. A checkpoint without RNG streams (megalite-import-hf) reseeds."""
+    ck = cfg.checkpoint
     meta = read_meta(ckpt_dir)
     reader, split = _Reader(ckpt_dir, meta), partition_dims(model)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
-    optimizer.load_state_dict(
-        {
-            "state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
-            "param_groups": optimizer.state_dict()["param_groups"],
-        }
-    )
+    if ck.load_optim and not ck.finetune:
+        optimizer.load_state_dict(
+            {
+                "state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
+                "param_groups": optimizer.state_dict()["param_groups"],
+            }
+        )
+    if ck.finetune:
+        meta = {**meta, "iteration": 0, "consumed_samples": 0}
     lay = meta["layout"]
     same_layout = (lay["tp"], lay["cp"], lay["dp"]) == (dims.tp, dims.cp, dims.dp)
-    if same_layout:
-        _set_rng_state(reader.file(_rank_file(dims.rank))["rng"])
+    rng = reader.file(_rank_file(dims.rank)).get("rng") if same_layout and ck.load_rng and not ck.finetune else None
+    if rng is not None:
+        _set_rng_state(rng)
     else:
         _reseed(dims.dropout_seed(cfg.train.seed + meta["iteration"]))
     if dims.rank == 0:
+        parts = "weights only (--finetune)" if ck.finetune else f"iteration {meta['iteration']}"
         log(
-            f"megalite: loaded {ckpt_dir} (iteration {meta['iteration']}, saved at TP={lay['tp']} CP={lay['cp']} "
-            f"DP={lay['dp']})"
-            + (
-                ""
-                if same_layout
-                else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}, RNG reseeded with --seed + iteration"
-            )
+            f"megalite: loaded {ckpt_dir} ({parts}, saved at TP={lay['tp']} CP={lay['cp']} DP={lay['dp']})"
+            + ("" if same_layout else f"; resharded to TP={dims.tp} CP={dims.cp} DP={dims.dp}")
+            + ("" if ck.load_optim or ck.finetune else "; optimizer state not loaded (--no-load-optim)")
+            + ("" if rng is not None else "; RNG reseeded with --seed + iteration")
         )
-        if meta["global_batch_size"] != cfg.train.global_batch_size:
+        if not ck.finetune and meta["global_batch_size"] != cfg.train.global_batch_size:
             log(
                 f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
                 f"checkpoint's {meta['global_batch_size']}: data continues at sample {meta['consumed_samples']}, "
