@@ -58,9 +58,18 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
 
 @torch.no_grad()
 def generate(
-    model, prompt: list[int], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, seed=1234, eos_id=None
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed=1234,
+    eos_id=None,
+    vocab_limit=None,
 ) -> list[int]:
-    """New token ids after ``prompt`` (stops early at ``eos_id``). ``model``: a single-device GPT."""
+    """New token ids after ``prompt`` (stops early at ``eos_id``). ``model``: a single-device GPT.
+    ``vocab_limit``: never emit ids from it on (a model's vocabulary may outsize its tokenizer's)."""
     if not prompt:
         raise ConfigError("the prompt encodes to no tokens; give a non-empty --prompt")
     device = next(model.parameters()).device
@@ -75,7 +84,7 @@ def generate(
         for _ in range(max_new_tokens):
             start = len(prompt) + len(out) - tokens.shape[1]
             pos = torch.arange(start, start + tokens.shape[1], device=device)[None]
-            logits = model(tokens, pos)[:, -1]
+            logits = model(tokens, pos)[:, -1, :vocab_limit]
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             out.append(int(nxt))
             if eos_id is not None and out[-1] == eos_id:
@@ -114,7 +123,15 @@ def main(argv=None) -> int:
             model.to(torch.bfloat16)
         t0 = time.perf_counter()
         ids = generate(
-            model, tokenizer.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, tokenizer.eod
+            model,
+            tokenizer.encode(a.prompt),
+            a.max_new_tokens,
+            a.temperature,
+            a.top_k,
+            a.top_p,
+            a.seed,
+            tokenizer.eod,
+            tokenizer.vocab_size,
         )
         dt = time.perf_counter() - t0
     except (ConfigError, FileNotFoundError) as exc:
@@ -128,3 +145,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -188,3 +188,20 @@ def test_export_refuses_models_without_an_exact_equivalent(tmp_path):
     with pytest.raises(ConfigError, match="--normalization RMSNorm with GELU MLP"):
         export_hf(str(tmp_path / "ck"), str(tmp_path / "out"), log=lambda *a: None)
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--finetune"], "--finetune given without --load DIR"),
+        (["--no-load-optim", "--no-load-rng"], "--no-load-optim, --no-load-rng given without --load DIR"),
+        (["--use-rope-scaling", "--rotary-seq-len-interpolation-factor", "2"], "choose one"),
+        (["--use-rope-scaling", "--rope-scaling-low-freq-factor", "4"], "below --rope-scaling-high-freq-factor"),
+        (["--rotary-seq-len-interpolation-factor", "2", "--position-embedding-type", "learned_absolute"], "rescale"),
+    ],
+)
+def test_flag_checks(argv, message):
+    from megalite import config as C
+
+    with pytest.raises(ConfigError, match=message):
+        C.parse(argv)

@@ -158,3 +158,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
