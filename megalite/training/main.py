@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     if ckpt_dir is not None:
         meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims, cfg, log)
         state = TrainState(meta["iteration"], meta["consumed_samples"])
-        change = blend_change(meta["data"], cfg.data) if "data" in meta else None
+        finetune = cfg.checkpoint.finetune  # the data position starts at 0: no blend to continue
+        change = blend_change(meta["data"], cfg.data) if "data" in meta and not finetune else None
         if change:
             log(change)
 
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
         device,
         flops_per_token(cfg.model, n_matmul, cfg.model.seq_length),
         flops_per_token(cfg.model, n_matmul, cfg.model.seq_length, full_attention=True),
+        tokenizer=tokenizer,
     )
     try:
         train(setup, state, logger)

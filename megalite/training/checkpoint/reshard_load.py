@@ -110,7 +110,8 @@ def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
             + ("" if ck.load_optim or ck.finetune else "; optimizer state not loaded (--no-load-optim)")
             + ("" if rng is not None else "; RNG reseeded with --seed + iteration")
         )
-        if not ck.finetune and meta["global_batch_size"] != cfg.train.global_batch_size:
+        saved_batch = meta["global_batch_size"]  # None: written by megalite-import-hf, never trained
+        if not ck.finetune and saved_batch not in (None, cfg.train.global_batch_size):
             log(
                 f"megalite: warning: --global-batch-size {cfg.train.global_batch_size} differs from the "
                 f"checkpoint's {meta['global_batch_size']}: data continues at sample {meta['consumed_samples']}, "
