@@ -7,3 +7,17 @@
 
 Needs ``safetensors`` (import and export) and ``transformers`` (export): ``pip install megalite[hf]``.
 """
+
+
+def run_cli(prog: str, call) -> int:
+    """Exit status of a command: 0, or 2 after printing a configuration/input error (no traceback)."""
+    import sys
+
+    from ..config import ConfigError
+
+    try:
+        call()
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from ..config import ConfigError
+from . import run_cli
 from .ckpt_io import find_checkpoint, model_config, read_model
 from .mapping import ConversionError, hf_config_for, hf_names, split_qkv
 
@@ -148,12 +149,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", help="sentencepiece .model (default: tokenizer.model in --load)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors file (default 5)")
     a = p.parse_args(argv)
-    try:
-        export_hf(a.load, a.out, a.dtype, a.tokenizer_model, int(a.max_shard_size * 10**9))
-    except ConfigError as exc:
-        print(f"megalite-export-hf: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(
+        "megalite-export-hf",
+        lambda: export_hf(a.load, a.out, a.dtype, a.tokenizer_model, int(a.max_shard_size * 10**9)),
+    )
 
 
 def cli() -> None:

@@ -18,6 +18,7 @@ import torch
 
 from .. import config as C
 from ..model import GPT
+from . import run_cli
 from .ckpt_io import write_model_checkpoint
 from .mapping import ConversionError, flags_from_hf, fuse_qkv, hf_names
 
@@ -165,12 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-dir", required=True, help="local directory with config.json and safetensors")
     p.add_argument("--save", required=True, help="new megalite checkpoint directory")
     a = p.parse_args(argv)
-    try:
-        import_hf(a.hf_dir, a.save)
-    except C.ConfigError as exc:
-        print(f"megalite-import-hf: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("megalite-import-hf", lambda: import_hf(a.hf_dir, a.save))
 
 
 def cli() -> None:
