@@ -144,6 +144,9 @@ class TrainConfig:
     seed: int = _f(1234, "--seed", "seed for init, data order and dropout")
     eval_interval: int = _f(1000, "--eval-interval", "evaluate every N steps")
     eval_iters: int = _f(10, "--eval-iters", "global batches per evaluation")
+    eval_sample_prompt: str | None = _f(
+        None, "--eval-sample-prompt", "every --eval-interval, print a 32-token greedy continuation of this text"
+    )
     exit_interval: int | None = _f(None, "--exit-interval", "stop after this iteration (saving with --save)")
     peak_tflops: float | None = _f(None, "--peak-tflops", "device peak for MFU (default: known GPUs)")
     device: str | None = _f(None, "--device", "cuda or cpu (default: cuda when available)")
@@ -430,6 +433,11 @@ def validate(cfg: Config) -> None:
     given = [flag for flag, on in chosen.items() if on]
     if given and not ck.load:
         raise ConfigError(f"{', '.join(given)} given without --load DIR (they choose what --load restores)")
+    if t.eval_sample_prompt and p.sequence_parallel and p.tensor_parallel_size > 1:
+        raise ConfigError(
+            "--eval-sample-prompt does not run under --sequence-parallel (one new token cannot be split over "
+            "the TP ranks); drop one of them"
+        )
     from .rope import validate_rope  # its own module: RoPE variants are a unit
 
     validate_rope(m)

@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,9 +68,12 @@ def generate(
     seed=1234,
     eos_id=None,
     vocab_limit=None,
+    gather=None,
 ) -> list[int]:
-    """New token ids after ``prompt`` (stops early at ``eos_id``). ``model``: a single-device GPT.
-    ``vocab_limit``: never emit ids from it on (a model's vocabulary may outsize its tokenizer's)."""
+    """New token ids after ``prompt`` (stops early at ``eos_id``). ``model``: a GPT, single-device or
+    tensor-parallel without SP (then every TP rank calls this and ``gather`` joins the vocabulary
+    shards of the logits). ``vocab_limit``: never emit ids from it on (a model's vocabulary may
+    outsize its tokenizer's)."""
     if not prompt:
         raise ConfigError("the prompt encodes to no tokens; give a non-empty --prompt")
     device = next(model.parameters()).device
@@ -84,7 +88,8 @@ def generate(
         for _ in range(max_new_tokens):
             start = len(prompt) + len(out) - tokens.shape[1]
             pos = torch.arange(start, start + tokens.shape[1], device=device)[None]
-            logits = model(tokens, pos)[:, -1, :vocab_limit]
+            logits = model(tokens, pos)[:, -1]
+            logits = (gather(logits) if gather else logits)[:, :vocab_limit]
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             out.append(int(nxt))
             if eos_id is not None and out[-1] == eos_id:
@@ -95,6 +100,29 @@ def generate(
             layer.attention.core_attention = attn
         model.train(was_training)
     return out
+
+
+def eval_sample(model, tokenizer, prompt: str, dims, bf16: bool, max_new_tokens: int = 32) -> str:
+    """Greedy continuation of ``prompt`` by the training model (unwrapped from DDP), called by every
+    rank. CP ranks hold whole layers, so each decodes alone (the cache replaces the CP attention);
+    TP ranks decode together, joining the logits' vocabulary shards."""
+
+    def gather(x):  # [b, V / tp] on each TP rank -> [b, V]
+        parts = [torch.empty_like(x) for _ in range(dims.tp)]
+        dist.all_gather(parts, x.contiguous(), group=dims.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        ids = generate(
+            model,
+            tokenizer.encode(prompt),
+            max_new_tokens,
+            eos_id=tokenizer.eod,
+            vocab_limit=tokenizer.vocab_size,
+            gather=gather if dims.tp > 1 else None,
+        )
+    return tokenizer.decode(ids)
 
 
 def main(argv=None) -> int:

@@ -198,6 +198,7 @@ def test_export_refuses_models_without_an_exact_equivalent(tmp_path):
         (["--use-rope-scaling", "--rotary-seq-len-interpolation-factor", "2"], "choose one"),
         (["--use-rope-scaling", "--rope-scaling-low-freq-factor", "4"], "below --rope-scaling-high-freq-factor"),
         (["--rotary-seq-len-interpolation-factor", "2", "--position-embedding-type", "learned_absolute"], "rescale"),
+        (["--eval-sample-prompt", "x", "--tensor-parallel-size", "2", "--sequence-parallel"], "--sequence-parallel"),
     ],
 )
 def test_flag_checks(argv, message):

@@ -91,7 +91,7 @@ def test_finetune_at_tp2_cp2_then_export(tmp_path, corpus, imported, capsys):
     tokens, labels = first_batch(corpus)
     with torch.no_grad():
         hf_loss = F.cross_entropy(hf(tokens).logits.reshape(-1, VOCAB), labels.reshape(-1)).item()
-    records = run(tmp_path, corpus, ck, "fp32")
+    records = run(tmp_path, corpus, ck, "fp32", "--eval-sample-prompt", "import os\n", "--eval-interval", "5")
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert abs(records[0]["loss"] - hf_loss) < 1e-4, (records[0]["loss"], hf_loss)
     assert records[-1]["loss"] < records[0]["loss"]
@@ -115,6 +115,9 @@ def test_finetune_at_tp2_cp2_then_export(tmp_path, corpus, imported, capsys):
     err = capsys.readouterr().err
     ids = [int(x) for x in err.split("ids: [")[1].split("]")[0].split(",")]
     assert "tokens/s" in err and ids == generate(ours, prompt, 12, eos_id=tok.eod, vocab_limit=tok.vocab_size)
+    # --eval-sample-prompt: the TP2 x CP2 model decoded (TP ranks together) what one rank decodes
+    sample = generate(ours, prompt, 32, eos_id=tok.eod, vocab_limit=tok.vocab_size)
+    assert [r.get("sample") for r in records] == [None] * 4 + [tok.decode(sample)]
 
 
 def test_bf16_training_exports_in_both_dtypes(tmp_path, corpus, imported):

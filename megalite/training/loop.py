@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ..config import Config
+from ..generate import eval_sample
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import unwrap
 from ..parallel.zigzag import zigzag_split
@@ -41,6 +42,7 @@ class TrainSetup:
     device: torch.device
     flops_per_token: float  # model FLOPs of one training token, forward + backward, causal (for MFU)
     flops_per_token_full_attn: float  # the same over the full attention square (other systems' convention)
+    tokenizer: object = None  # megalite.data.tokenizer.Tokenizer, for --eval-sample-prompt
 
 
 @dataclass
@@ -218,6 +220,16 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
                 valid = evaluate(model, valid_set, dims, cfg, device)
             if record:
                 record["valid_loss"] = valid
+        if (
+            t.eval_sample_prompt
+            and t.eval_interval
+            and (state.iteration % t.eval_interval == 0 or state.iteration == t.train_iters)
+        ):
+            with blame("--eval-sample-prompt generation (TP logits all-gather)", dims, cfg):
+                text = eval_sample(unwrap(model), setup.tokenizer, t.eval_sample_prompt, dims, t.bf16)
+            if record:
+                record["sample"] = text
+                print(f"megalite: sample at iteration {state.iteration}: {t.eval_sample_prompt + text!r}", flush=True)
         if logger:
             logger.log(
                 record, line=state.iteration % logger.interval == 0 or state.iteration == stop_at or step.skipped
