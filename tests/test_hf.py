@@ -206,3 +206,14 @@ def test_flag_checks(argv, message):
 
     with pytest.raises(ConfigError, match=message):
         C.parse(argv)
+
+
+def test_commands_exit_2_with_the_message(tmp_path, capsys):
+    from megalite.hf import export_hf as export_cmd
+    from megalite.hf import import_hf as import_cmd
+
+    assert import_cmd.main(["--hf-dir", str(tmp_path / "none"), "--save", str(tmp_path / "ck")]) == 2
+    assert f"megalite-import-hf: error: --hf-dir {tmp_path / 'none'}: no such directory" in capsys.readouterr().err
+    assert export_cmd.main(["--load", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
+    assert "megalite-export-hf: error: --load" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []
