@@ -58,6 +58,18 @@ def test_import_matches_transformers_and_export_round_trips(tmp_path, case):
     torch.testing.assert_close(back(ids).logits.detach(), ref, rtol=0, atol=1e-4)
 
 
+def test_bf16_checkpoint_round_trips_exactly(tmp_path):
+    """Released checkpoints are mostly bf16: import widens them to fp32 (exactly), export --dtype bf16
+    gives back the same bits."""
+    make_hf(tmp_path / "fp32", "qwen2", num_key_value_heads=2).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"), log=lambda *a: None)
+    export_hf(str(tmp_path / "ck"), str(tmp_path / "out"), dtype="bf16", log=lambda *a: None)
+    before, after = safetensors_dir(tmp_path / "hf"), safetensors_dir(tmp_path / "out")
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == torch.bfloat16 and torch.equal(before[k], after[k]), k
+
+
 def test_sharded_export_and_import(tmp_path):
     make_hf(tmp_path / "hf", "llama")
     import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"), log=lambda *a: None)
