@@ -21,3 +21,14 @@ def run_cli(prog: str, call) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def require(*modules: str) -> None:
+    """A ConfigError naming the extra to install when an optional dependency is missing."""
+    import importlib.util
+
+    from ..config import ConfigError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not installed: pip install 'megalite[hf]'")

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from ..config import ConfigError
-from . import run_cli
+from . import require, run_cli
 from .ckpt_io import find_checkpoint, model_config, read_model
 from .mapping import ConversionError, hf_config_for, hf_names, split_qkv
 
@@ -106,6 +106,7 @@ def find_tokenizer(load: str, ckpt: str, given: str | None) -> str | None:
 
 def export_hf(load, out, dtype="fp32", tokenizer_model=None, max_shard_bytes=5 * 10**9, log=print) -> str:
     """Returns the transformers architecture written."""
+    require("transformers", "safetensors")
     import transformers
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):

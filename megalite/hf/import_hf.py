@@ -18,7 +18,7 @@ import torch
 
 from .. import config as C
 from ..model import GPT
-from . import run_cli
+from . import require, run_cli
 from .ckpt_io import write_model_checkpoint
 from .mapping import ConversionError, flags_from_hf, fuse_qkv, hf_names
 
@@ -134,6 +134,7 @@ def import_hf(hf_dir: str, save: str, seed: int = 1234, log=print) -> None:
         raise ConversionError(f"--hf-dir {hf_dir}: no such directory")
     if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
         raise ConversionError(f"--save {save} exists and is not empty; choose a new directory")
+    require("safetensors")
     flags = model_flags(hf_dir)
     src = SafetensorsSource(hf_dir)
     tmp = f"{save.rstrip(os.sep)}.tmp-import-{os.getpid()}"
