@@ -11,7 +11,7 @@ from multiproc import run_ranks
 from parity import TOL, make_inputs
 
 from megalite.ops.attention import block_attention, causal_attention, get_backend
-from megalite.ops.doc_attention import document_spans, plan_pairs
+from megalite.ops.doc_attention import Pair, document_spans, merge_partial, plan_pairs, run_forward
 from megalite.parallel.all_gather_attention import all_gather_attention
 from megalite.parallel.apply_cp import ContextParallelAttention
 from megalite.parallel.ring_attention import ring_attention, ring_plans
@@ -143,9 +143,22 @@ def test_plan_splits_key_runs_at_query_positions():
     ]
 
 
+def test_uncovered_rows_merge_as_minus_inf():
+    """Rows no pair covers come out lse = -inf and out = 0 (not the kernel's lse = 0 of a fully
+    masked row), and merging them into finite accumulators changes nothing."""
+    q, k, v, _ = make_inputs(8, 1, 6, 2, 2, 8, torch.float64)
+    be = get_backend("torch_cpu")
+    out, lse = run_forward(be, q, k, v, [Pair(slice(0, 1), slice(0, 3), slice(0, 3), True)], 0.3)
+    assert torch.isneginf(lse[:, :, 3:]).all() and not out[:, 3:].any() and lse[:, :, :3].isfinite().all()
+    acc_out, acc_lse = be.forward(q, k, v, False, 0.3)
+    want = acc_out.clone(), acc_lse.clone()
+    merge_partial(acc_out[:, 3:], acc_lse[:, :, 3:], out[:, 3:], lse[:, :, 3:])
+    torch.testing.assert_close((acc_out, acc_lse), want, atol=0, rtol=0)
+
+
 def test_bad_document_ids():
     q, k, v, _ = make_inputs(7, 2, 6, 2, 2, 8, torch.float32)
-    with pytest.raises(ValueError, match="decrease"):
+    with pytest.raises(ValueError, match="decrease along the global sequence"):
         causal_attention(q, k, v, document_ids=torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 2, 2]]))
     with pytest.raises(ValueError, match="shape"):
         causal_attention(q, k, v, document_ids=torch.zeros(2, 5, dtype=torch.long))
@@ -228,16 +241,15 @@ def _cp_vs_dense(rank, world):
     # Documents inside single chunks: every step after the first has nothing to compute.
     assert all(not plan for plan in ring_plans(world, rank, seq // world, True, ids)[1:])
 
-    # Bad ids raise on every rank (before any collective where the problem is local).
+    # Bad ids raise on every rank alike (shapes before any collective).
     good = local(doc_ids(11, 3, seq, 4))
     across = local(torch.arange(2 * world, 0, -1).repeat_interleave(chunk).expand(3, -1))
     for attend in (ring_attention, all_gather_attention, ulysses_attention):
         h = 2 * world
         q, k, v, _ = (local(t) for t in make_inputs(12, 3, seq, h, world, 8, torch.float32))
-        with pytest.raises(ValueError, match="decrease along the global"):
-            attend(q, k, v, group, document_ids=across)
-        with pytest.raises(ValueError, match="decrease along the sequence"):
-            attend(q, k, v, group, document_ids=good.flip(1))
+        for bad in (across, good.flip(1) if rank == 0 else good):  # decreasing across ranks / on one rank
+            with pytest.raises(ValueError, match="decrease along the global"):
+                attend(q, k, v, group, document_ids=bad)
         with pytest.raises(ValueError, match="shape"):
             attend(q, k, v, group, document_ids=good[:, 1:])
 

@@ -154,8 +154,8 @@ def run_backward(backend, dout, q, k, v, out, lse, pairs, scale, dq, dk, dv):
         dv[p.rows, p.k] += gv
 
 
-def check_document_ids(document_ids, q, pieces) -> None:
-    """Shape, dtype, and non-decreasing ids inside each piece (what is checkable locally)."""
+def check_document_ids(document_ids, q) -> None:
+    """One integer id per token of q (B, S, ...)."""
     if document_ids.shape != q.shape[:2]:
         raise ValueError(
             f"document_ids has shape {tuple(document_ids.shape)} but q has (batch, seq) = {tuple(q.shape[:2])}; "
@@ -163,13 +163,15 @@ def check_document_ids(document_ids, q, pieces) -> None:
         )
     if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
         raise ValueError(f"document_ids must be an integer tensor (got {document_ids.dtype})")
-    for a, z, _ in pieces:
-        ids = document_ids[:, a:z]
-        if bool((ids[:, 1:] < ids[:, :-1]).any()):
-            raise ValueError(
-                "document_ids decrease along the sequence; number the documents of each sample in order "
-                "(ids must be non-decreasing in global position)"
-            )
+
+
+def check_non_decreasing(ids) -> None:
+    """ids (B, S) in natural (global) order."""
+    if bool((ids[:, 1:] < ids[:, :-1]).any()):
+        raise ValueError(
+            "document_ids decrease along the global sequence; number the documents of each sample in order "
+            "(non-decreasing ids) and split the ids with zigzag_split like the tokens"
+        )
 
 
 class _PlannedAttention(torch.autograd.Function):
@@ -197,9 +199,9 @@ def planned_attention(q, k, v, pairs, scale, backend):
 
 def whole_sequence_pairs(document_ids, q, causal: bool) -> list[Pair]:
     """Checked plan for a rank that holds the whole sequence in natural order."""
-    pieces = [(0, q.shape[1], 0)]
-    check_document_ids(document_ids, q, pieces)
-    spans = document_spans(document_ids, pieces)
+    check_document_ids(document_ids, q)
+    check_non_decreasing(document_ids)
+    spans = document_spans(document_ids, [(0, q.shape[1], 0)])
     return plan_pairs(spans, spans, causal)
 
 
@@ -208,8 +210,8 @@ def document_causal_attention(q, k, v, document_ids, *, dropout_p: float, use_fl
     flash-attn: one varlen call over the B*S tokens cut at every document and row edge; torch:
     one fused causal SDPA call per document (dropout handled by the kernels either way)."""
     b, s, h, d = q.shape
-    pieces = [(0, s, 0)]
-    check_document_ids(document_ids, q, pieces)
+    check_document_ids(document_ids, q)
+    check_non_decreasing(document_ids)
     if use_flash_attn:
         from flash_attn import flash_attn_varlen_func
 
@@ -229,7 +231,7 @@ def document_causal_attention(q, k, v, document_ids, *, dropout_p: float, use_fl
         )
         return out.view(b, s, h, d)
     rows = []
-    for row, spans in enumerate(document_spans(document_ids, pieces)):
+    for row, spans in enumerate(document_spans(document_ids, [(0, s, 0)])):
         parts = []
         for sp in spans:
             qs, ks, vs = _bhsd(*(t[row : row + 1, sp.start : sp.stop] for t in (q, k, v)))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..ops.attention import get_backend
-from ..ops.doc_attention import check_document_ids
+from ..ops.doc_attention import check_document_ids, check_non_decreasing
 from .comm import all_gather_flat
-from .zigzag import zigzag_merge, zigzag_pieces
+from .zigzag import zigzag_merge
 
 
 def resolve_call(q, k, v, group, causal, softmax_scale, backend):
@@ -34,25 +34,21 @@ def resolve_call(q, k, v, group, causal, softmax_scale, backend):
 
 
 def gather_document_ids(document_ids, q, group):
-    """The sample's document ids (B, S) in natural order, from every rank's zigzag pair
-    (B, s). Local problems raise before the all-gather; ids decreasing across ranks raise after
-    it, identically on every rank (all of them hold the same gathered ids).
+    """The sample's document ids (B, S) in natural order, from every rank's zigzag pair (B, s).
+    Shape problems raise before the all-gather; decreasing ids after it, on every rank alike
+    (all hold the same gathered ids, so no rank is left waiting in a collective).
     forward only: one all-gather of B*s integers."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    cp = dist.get_world_size(group)
+    check_document_ids(document_ids, q)
     if cp > 1 and q.shape[1] % 2:
         raise ValueError(f"local sequence length {q.shape[1]} is odd; document_ids need the zigzag split")
-    check_document_ids(document_ids, q, zigzag_pieces(q.shape[1], cp, rank))
-    if cp == 1:
-        return document_ids.cpu()
     ids = document_ids.contiguous()
-    flat = ids.new_empty(cp * ids.numel())
-    all_gather_flat(flat, ids.view(-1), group=group)
-    ids = zigzag_merge(list(flat.view(cp, *ids.shape).unbind(0)), dim=1).cpu()
-    if bool((ids[:, 1:] < ids[:, :-1]).any()):
-        raise ValueError(
-            "document_ids decrease along the global sequence (across context-parallel ranks); number the "
-            "documents of each sample in order and split the ids with zigzag_split like the tokens"
-        )
+    if cp > 1:
+        flat = ids.new_empty(cp * ids.numel())
+        all_gather_flat(flat, ids.view(-1), group=group)
+        ids = zigzag_merge(list(flat.view(cp, *ids.shape).unbind(0)), dim=1)
+    ids = ids.cpu()
+    check_non_decreasing(ids)
     return ids
 
 
