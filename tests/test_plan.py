@@ -166,7 +166,8 @@ def test_cli_json_and_a_runnable_command(capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     argv = shlex.split(line)
     assert argv[:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8"] and argv[5] == "pretrain.py"
-    cfg = C.parse(argv[6:])  # every flag printed is one pretrain.py has
+    cfg = C.parse(argv[6:])  # every flag printed is one pretrain.py has, once
+    assert argv.count("--seq-length") == 1 and argv.count("--tensor-parallel-size") == 1
     best = (cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size, cfg.model.recompute_granularity)
     assert best == (rows[0]["tp"], rows[0]["cp"], rows[0]["recompute"]) and cfg.model.seq_length == 32768
 

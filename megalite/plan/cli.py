@@ -53,29 +53,46 @@ def build_job(cfg: C.Config, ns: argparse.Namespace) -> Job:
     return job_from(cfg, cfg.model.vocab_size, ns, ns.mean_document_length)
 
 
+LAYOUT_DESTS = {
+    "tensor_parallel_size",
+    "context_parallel_size",
+    "sequence_parallel",
+    "cp_comm_type",
+    "recompute_granularity",
+    "hierarchical_context_parallel_sizes",
+}
+
+
+def _user_flags(argv: list[str]) -> list[str]:
+    """pretrain.py flags of ``argv`` (a preset's then the user's), each flag once (the last
+    given wins, as when parsing), the layout's own flags left out."""
+    actions = C.build_parser()._option_string_actions
+    groups, i = {}, 0
+    while i < len(argv):
+        action = actions.get(argv[i].split("=")[0])
+        width = 0 if action is None or action.nargs == 0 or "=" in argv[i] else (action.nargs or 1)
+        if action is not None and action.dest not in LAYOUT_DESTS:
+            groups.pop(action.dest, None)
+            groups[action.dest] = argv[i : i + 1 + width]
+        i += 1 + width
+    return [a for group in groups.values() for a in group]
+
+
 def command(pred, model_argv: list[str], gpus: int, gpus_per_node: int) -> str:
     """The pretrain.py command of a runnable (PP = 1) prediction: the user's flags, then the layout."""
     lay, job = pred.layout, pred.job
-    drop = {"--tensor-parallel-size", "--context-parallel-size", "--cp-comm-type", "--recompute-granularity"}
-    keep, skip = [], False
-    for a in model_argv:
-        if skip:
-            skip = False
-            continue
-        if a in drop:
-            skip = True
-            continue
-        keep.append(a)
     flags = ["--tensor-parallel-size", str(lay.tp), "--context-parallel-size", str(lay.cp)]
     if lay.sp:
         flags.append("--sequence-parallel")
     if lay.cp > 1:
         flags += ["--cp-comm-type", lay.cp_comm]
+    if lay.cp_comm == "a2a+p2p":
+        flags += ["--hierarchical-context-parallel-sizes", str(job.hier_a2a), str(lay.cp // job.hier_a2a)]
     if job.recompute:
         flags += ["--recompute-granularity", job.recompute]
     nodes = max(1, gpus // gpus_per_node)
     launch = f"torchrun --nnodes {nodes} --nproc-per-node {min(gpus, gpus_per_node)}"
-    return f"{launch} pretrain.py {shlex.join(keep + flags)}"
+    return f"{launch} pretrain.py {shlex.join(_user_flags(model_argv) + flags)}"
 
 
 def _table(preds, top: int) -> str:
