@@ -6,7 +6,8 @@ bytes (parameter dtype), h hidden, n heads, g KV heads, d head dim, f MLP width,
   norm inputs              2 r h      (/t under SP: the residual stream is sequence-sharded)
   norm statistics          16 bytes   (mean and rstd of two norms, fp32)
   qkv and fc1 inputs       2 a h      (never /t: under SP the all-gathered input is what is saved)
-  q, k, v, out, proj input a (3 n + 2 g) d / t; out is fp32 under CP (the merged partials)
+  q, k, v, out, proj input a (3 n + 2 g) d / t; the proj input is a view of out when the
+                           micro batch is 1: a (2 n + 2 g) d / t (Ulysses: one copy more)
   log-sum-exp              4 n / t
   MLP                      2 a f / t (GELU: fc1 and GELU outputs), 4 a f / t (SwiGLU); 0 when
                            sequence-tiled (--mlp-tile-size: each tile is recomputed in backward)
@@ -98,12 +99,16 @@ def layer_activation_bytes(job: Job, lay: Layout, tokens: float) -> float:
     residual = 2 * r * h / (t if lay.sp else 1)
     if job.recompute == "full":
         return tokens * residual / 2
-    out_bytes = 4 if lay.cp > 1 and lay.cp_comm in ("p2p", "a2a+p2p") else a  # the ring's merged output
     mlp = 0 if job.mlp_tile else (4 if m.swiglu else 2) * a * f  # tiled: only the input, already counted
-    per_token = residual + 16 + 2 * a * h + a * (2 * n + 2 * g) * d + mlp
-    if job.recompute != "selective":
-        per_token += out_bytes * n * d + 4 * n
-    return tokens * per_token
+    per_token = residual + 16 + 2 * a * h + a * (n + 2 * g) * d + mlp
+    if job.recompute == "selective":
+        return tokens * (per_token + a * n * d)  # the proj input; attention's own saves are recomputed
+    # Copies of the attention output [b, s, n d] the layer keeps: the output, and the proj input
+    # made from it, a view when the micro batch is 1; Ulysses' all-to-all back adds one (measured:
+    # its output, and at micro batch 1 a reshaped copy as well).
+    ulysses = lay.cp > 1 and lay.cp_comm.startswith("a2a")
+    copies = (1 if job.micro_batch_size == 1 else 2) + (ulysses and job.micro_batch_size == 1)
+    return tokens * (per_token + a * n * d * copies + 4 * n)
 
 
 def _korthikanti(job: Job, lay: Layout, tokens: float) -> float:
@@ -157,9 +162,10 @@ def in_flight_micro_batches(lay: Layout, micro_batches: int) -> float:
 def breakdown(job: Job, lay: Layout, baseline_gib: float = 0.0) -> dict:
     """Bytes per rank live at the predicted peak, by kind, their sum ``total`` and the
     ``moment`` of the peak. Candidates: the start of backward (every saved activation and the
-    loss gradients), the recompute of the last layer under full
-    recompute, and the end of backward (every gradient, activations freed); weights, optimizer
-    state and persistent buffers are live throughout (gradients are freed at each step)."""
+    loss gradients), the last layer's ring attention backward under CP, the recompute of the
+    last layer under full recompute, and the end of backward (every gradient, activations
+    freed); weights, optimizer state and persistent buffers are live throughout (gradients are
+    freed at each step)."""
     m = job.model
     params = stage_params(job, lay)
     per = state_bytes_per_param(job, lay.dp * lay.cp)
@@ -183,17 +189,22 @@ def breakdown(job: Job, lay: Layout, baseline_gib: float = 0.0) -> dict:
         acts += 2 * (saved_layers * layer_weights(m) + output_weights(m, job.vocab_size, lay.tp)) / lay.tp
     out_grad = per["grads"] * output_weights(m, job.vocab_size, lay.tp) / lay.tp
     moments = {
-        "start of backward": (acts, 0.0, gathered + head_transient + mlp_tile + cp_buffer_bytes(job, lay, tokens)),
+        "start of backward": (acts, 0.0, gathered + head_transient + mlp_tile),
         "end of backward": (0.0, per["grads"] * params, 0.0),
     }
+    incoming = 4 * tokens * m.hidden_size  # the gradient arriving at the last layer
+    if lay.cp > 1:  # the loss is done; the last layer's ring runs with its K/V blocks in flight
+        moments["last layer's attention backward"] = (
+            acts - head_saved,
+            out_grad,
+            gathered + incoming + cp_buffer_bytes(job, lay, tokens),
+        )
     if job.recompute == "full":  # the loss is done; the last layer is rebuilt (with its weight casts)
         rebuilt = layer_activation_bytes(dataclasses.replace(job, recompute=None), lay, tokens)
         if job.precision == "bf16-autocast":
             rebuilt += 2 * layer_weights(m) / lay.tp
-        incoming = 4 * tokens * m.hidden_size
-        layer_acts = acts - head_saved
         moments["last layer recomputed"] = (
-            layer_acts,
+            acts - head_saved,
             out_grad,
             gathered + rebuilt + incoming + cp_buffer_bytes(job, lay, tokens),
         )
