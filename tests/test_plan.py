@@ -1,5 +1,6 @@
 """The planner's FLOP and memory models against measurements, its search and its command line."""
 
+import dataclasses
 import json
 import shlex
 import statistics
@@ -15,6 +16,7 @@ from megalite.model import GPT
 from megalite.plan import cli, hardware, published
 from megalite.plan.flops import attention_flops, step_model_flops
 from megalite.plan.memory import breakdown
+from megalite.plan.options import job_from
 from megalite.plan.search import layouts, predict
 from megalite.plan.spec import Job, Layout
 from megalite.training.metrics import flops_per_token
@@ -66,6 +68,13 @@ def test_document_masked_attention_flops_equal_documents_run_alone():
     assert 3 * forward == docs * per_doc / 2
 
 
+def _job(cfg, vocab, batch, bf16=False):
+    """The planner's job for ``cfg`` as pretrain.py would build it (model options such as a fused
+    loss follow the config), with this test's precision: the model run under autocast."""
+    run = C.Config(model=cfg, train=C.TrainConfig(micro_batch_size=batch, global_batch_size=batch))
+    return dataclasses.replace(job_from(run, vocab), precision="bf16-autocast" if bf16 else "fp32")
+
+
 MEMORY_CASES = {
     "fp32": (dict(), False),
     "bf16-swiglu-gqa-untied": (
@@ -100,16 +109,7 @@ def test_memory_equals_measured_tensor_bytes(case):
         grads = storage_bytes(p.grad for p in model.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    job = Job(
-        model=cfg,
-        vocab_size=vocab,
-        seq_length=cfg.seq_length,
-        global_batch_size=batch,
-        micro_batch_size=batch,
-        precision="bf16-autocast" if bf16 else "fp32",
-        recompute=cfg.recompute_granularity,
-    )
-    pred = breakdown(job, Layout())
+    pred = breakdown(_job(cfg, vocab, batch, bf16), Layout())
     assert pred["weights"] == storage_bytes(model.parameters())
     assert grads == storage_bytes(model.parameters())  # fp32 gradients, one per weight
     state = storage_bytes(t for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
@@ -275,7 +275,7 @@ def _parallel_memory(rank, world, out):
             loss = model(tokens, positions, tokens).mean()
             saved = live.now
             loss.backward()
-        job = Job(model=cfg, vocab_size=300, seq_length=512, global_batch_size=1, precision="fp32")
+        job = _job(cfg, 300, 1)
         lay = Layout(tp=tp, cp=cp, sp=tp > 1, cp_comm=comm)
         pred = breakdown(job, lay)
         ddp = 4 * stage_params(job, lay) if cp > 1 else 0  # DDP's buckets: this harness runs without DDP
