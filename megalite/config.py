@@ -169,6 +169,11 @@ class DataConfig:
     split: str = _f("969,30,1", "--split", "train,valid,test weights")
     tokenizer_model: str | None = _f(None, "--tokenizer-model", "sentencepiece .model")
     data_prefetch: bool = _f(True, "--data-prefetch", "gather the next step's batches in a background thread")
+    reset_position_ids: bool = _f(False, "--reset-position-ids", "positions restart at 0 after each EOD")
+    reset_attention_mask: bool = _f(
+        False, "--reset-attention-mask", "attend only within a document (packed samples: EOD ends one)"
+    )
+    eod_mask_loss: bool = _f(False, "--eod-mask-loss", "no loss where the input token is EOD")
 
 
 @dataclass

@@ -13,7 +13,8 @@ and no others (each replacement keeps the call signature of what it replaces):
   ``output_layer``: linear-like modules, which may hold only part of the output (or input)
   features; a forward pre-hook may be registered on ``mlp``. Attention reads its local head
   count from the qkv output (viewed with -1), so sharding whole query groups needs no edit;
-- each block's ``attention.core_attention``: any module (b, s, h, d) x3 -> (b, s, h, d);
+- each block's ``attention.core_attention``: any module (q, k, v, document_ids=None) -> (b, s, h, d),
+  q/k/v (b, s, heads, d), document_ids None or (b, s) in the same layout as the tokens;
 - ``loss_fn(logits [s, b, V_local], labels [s, b]) -> [s, b]``;
 - ``vocab_start``: the global vocabulary id of this rank's first logit column (0 unless the
   output layer is split over the vocabulary);
@@ -58,16 +59,17 @@ def apply_rope(x, cos, sin):
 
 
 class CoreAttention(nn.Module):
-    """Causal softmax attention over the local sequence: (b, s, h, d) -> (b, s, h, d).
-    The kernel is chosen by megalite.ops.attention.choose_backend (--use-flash-attn forces flash-attn)."""
+    """Causal softmax attention over the local sequence: (b, s, h, d) -> (b, s, h, d), within each
+    document when ``document_ids`` (b, s) is given. The kernel is chosen by
+    megalite.ops.attention.choose_backend (--use-flash-attn forces flash-attn)."""
 
     def __init__(self, dropout: float = 0.0, use_flash_attn: bool = False):
         super().__init__()
         self.dropout, self.use_flash_attn = dropout, use_flash_attn
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, document_ids=None):
         p = self.dropout if self.training else 0.0
-        return causal_attention(q, k, v, dropout_p=p, require_flash_attn=self.use_flash_attn)
+        return causal_attention(q, k, v, dropout_p=p, require_flash_attn=self.use_flash_attn, document_ids=document_ids)
 
 
 class Attention(nn.Module):
@@ -83,7 +85,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
         self.core_attention = CoreAttention(cfg.attention_dropout, cfg.use_flash_attn)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, document_ids=None):
         qkv = self.qkv(x)  # [s, b, groups * (per_group + 2) * d]; s is the full local sequence under SP
         s, b = qkv.shape[:2]
         per_group, d = self.heads_per_group, self.head_dim
@@ -97,9 +99,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.selective_recompute and self.training:
-            out = checkpoint(self.core_attention, q, k, v.contiguous(), use_reentrant=False)
+            out = checkpoint(self.core_attention, q, k, v.contiguous(), document_ids, use_reentrant=False)
         else:
-            out = self.core_attention(q, k, v.contiguous())
+            out = self.core_attention(q, k, v.contiguous(), document_ids)
         out = out.transpose(0, 1).reshape(s, b, -1)  # back to [s, b, heads * d]
         return self.proj(out)
 
@@ -127,8 +129,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x, rope):
-        attn = self.dropout(self.attention(self.input_norm(x), rope))
+    def forward(self, x, rope, document_ids=None):
+        attn = self.dropout(self.attention(self.input_norm(x), rope, document_ids))
         normed, x = self.pre_mlp_norm(attn, residual=x)  # fused residual add when the kernel has one
         return x + self.dropout(self.mlp(normed))
 
@@ -218,9 +220,11 @@ class GPT(nn.Module):
         cols = torch.arange(self.vocab_start, self.vocab_start + logits.shape[-1], device=logits.device)
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
 
-    def forward(self, tokens, position_ids, labels=None):
+    def forward(self, tokens, position_ids, labels=None, document_ids=None):
         """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits
-        [b, s, V_local]: under TP this rank's vocabulary shard, from column vocab_start."""
+        [b, s, V_local]: under TP this rank's vocabulary shard, from column vocab_start.
+        document_ids: None (one causal sequence), or [b, s] integers in the layout of ``tokens``,
+        non-decreasing along the full sequence: a token attends only within its document."""
         x = self.embedding(tokens, position_ids)
         rope = None  # cos/sin tables, computed once per forward and shared by all layers
         if self.cfg.position_embedding_type == "rope":
@@ -228,9 +232,9 @@ class GPT(nn.Module):
             rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rotary_base, inv_freq)
         for layer in self.layers:
             if self.full_recompute and self.training:
-                x = checkpoint(layer, x, rope, use_reentrant=False)
+                x = checkpoint(layer, x, rope, document_ids, use_reentrant=False)
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, document_ids)
         logits = self._mask_padding(self.output_layer(self.final_norm(x)))  # [s, b, V_local]
         if labels is None:
             return logits.transpose(0, 1)

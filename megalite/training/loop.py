@@ -95,7 +95,7 @@ def blame(op: str, dims, cfg):
 
 def _forward_loss(model, batch, global_tokens, autocast):
     with autocast:
-        per_token = model(batch["tokens"], batch["position_ids"], batch["labels"])
+        per_token = model(batch["tokens"], batch["position_ids"], batch["labels"], batch.get("document_ids"))
     return (per_token * batch["loss_mask"]).sum() / global_tokens
 
 

@@ -18,6 +18,7 @@ from .. import config as C
 from .. import distributed
 from ..config import ConfigError
 from ..data.blend import blend_change, blend_flags, build_blends, describe
+from ..data.documents import pack_documents
 from ..data.indexed import DatasetFormatError, IndexedDataset
 from ..data.tokenizer import Tokenizer
 from ..model import GPT
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
         valid_set.check_nonempty()
     else:
         valid_set = None
+    train_set, valid_set = (pack_documents(d, cfg.data, tokenizer.eod) for d in (train_set, valid_set))
 
     device = distributed.init(cfg)
     # collectives from here on: every rank raises the same error, none is left waiting
