@@ -1,7 +1,11 @@
-"""pretrain.py's loss curve under TP, SP, CP and their combination equals one rank's (fp32, 1e-5)."""
+"""pretrain.py's loss curve under TP, SP, CP and their combination equals one rank's (fp32, 1e-5),
+also on packed documents of random lengths with Megatron's document flags on."""
 
+import numpy as np
 import pytest
 from pretrain_utils import train
+
+from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
 STEPS = [
     "--train-iters",
@@ -48,3 +52,64 @@ def assert_same_curve(ref, got):
 )
 def test_loss_curve_equals_one_rank(tmp_path, corpus, reference, name, world, flags):
     assert_same_curve(reference, train(tmp_path, name, world, corpus + STEPS + flags))
+
+
+# ---- packed documents: every layout, with the three document flags ----
+
+DOCS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+
+
+@pytest.fixture(scope="module")
+def packed_corpus(tmp_path_factory, corpus):
+    """The corpus's tokens re-cut into documents of 1 to 24 tokens (EOD included; CP chunks are 8
+    tokens at CP2, 4 at CP4) and a few longer than a sample, so every boundary case occurs."""
+    src = IndexedDataset(corpus[1])
+    eod = int(src.tokens[src.offsets[0] + src.sizes[0] - 1])
+    text = src.tokens[src.tokens != eod]
+    rng = np.random.default_rng(0)
+    prefix = str(tmp_path_factory.mktemp("packed") / "docs")
+    builder = IndexedDatasetBuilder(prefix, src.vocab_size, src.tokenizer_fingerprint)
+    start = 0
+    while start < len(text):
+        n = int(rng.choice([1, 40]) if rng.random() < 0.15 else rng.integers(2, 25))
+        builder.add_document(list(text[start : start + n - 1]) + [eod])
+        start += n - 1
+    builder.finalize()
+    return ["--data-path", prefix, *corpus[2:]]
+
+
+@pytest.fixture(scope="module")
+def packed_reference(tmp_path_factory, packed_corpus):
+    return train(tmp_path_factory.mktemp("packed-ref"), "one", 1, packed_corpus + STEPS + DOCS)
+
+
+@pytest.mark.parametrize(
+    "name, world, flags",
+    [
+        (
+            "tp2-sp-selective",
+            2,
+            ["--tensor-parallel-size", "2", "--sequence-parallel", "--recompute-granularity", "selective"],
+        ),
+        ("cp2-p2p-full", 2, ["--context-parallel-size", "2", "--recompute-granularity", "full"]),
+        ("cp2-allgather", 2, ["--context-parallel-size", "2", "--cp-comm-type", "all_gather"]),
+        ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
+        ("cp4", 4, ["--context-parallel-size", "4"]),
+    ],
+)
+def test_packed_documents_loss_curve_equals_one_rank(tmp_path, packed_corpus, packed_reference, name, world, flags):
+    assert_same_curve(packed_reference, train(tmp_path, name, world, packed_corpus + STEPS + DOCS + flags))
+
+
+def test_packed_documents_bf16_and_flags_matter(tmp_path, packed_corpus, packed_reference):
+    """bf16 at CP2 tracks bf16 on one rank (to bf16's rounding), and the flags reach the model:
+    without them the same data gives another curve."""
+    one = train(tmp_path, "bf16-one", 1, packed_corpus + STEPS + DOCS + ["--bf16"])
+    cp2 = train(tmp_path, "bf16-cp2", 2, packed_corpus + STEPS + DOCS + ["--bf16", "--context-parallel-size", "2"])
+    assert [r["iteration"] for r in cp2] == [r["iteration"] for r in one] == list(range(1, 6))
+    for a, b in zip(one, cp2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-4), (a["iteration"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-3)
+    plain = train(tmp_path, "plain", 1, packed_corpus + STEPS)
+    for a, b in zip(packed_reference, plain):
+        assert abs(a["loss"] - b["loss"]) > 1e-3 * a["loss"], (a["iteration"], a["loss"], b["loss"])
