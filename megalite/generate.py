@@ -29,7 +29,7 @@ class CachedAttention(nn.Module):
         super().__init__()
         self.k = self.v = None
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, document_ids=None):  # the seam's signature; generate() never passes ids
         self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
         s, t = q.shape[1], self.k.shape[1]

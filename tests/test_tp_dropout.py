@@ -25,15 +25,17 @@ def _check(rank, world):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 128, (2, 17), generator=g)
     x, y, pos = tokens[:, :-1], tokens[:, 1:], torch.arange(16).expand(2, 16)
-    grads = {}
-    for recompute in (None, "selective", "full"):
-        torch.manual_seed(11)  # the replicated stream, equal on both TP ranks
-        model = _model(recompute)
-        model(x, pos, y).mean().backward()
-        grads[recompute] = [p.grad.clone() for p in model.parameters()]
-    for mode in ("selective", "full"):
-        for a, b in zip(grads[None], grads[mode]):
-            torch.testing.assert_close(b, a)
+    docs = torch.tensor([0] * 5 + [1] * 9 + [2] * 2).expand(2, 16)  # packed documents take the same path
+    for ids in (None, docs):
+        grads = {}
+        for recompute in (None, "selective", "full"):
+            torch.manual_seed(11)  # the replicated stream, equal on both TP ranks
+            model = _model(recompute)
+            model(x, pos, y, ids).mean().backward()
+            grads[recompute] = [p.grad.clone() for p in model.parameters()]
+        for mode in ("selective", "full"):
+            for a, b in zip(grads[None], grads[mode]):
+                torch.testing.assert_close(b, a)
     # same q/k/v on every rank: outputs must differ, i.e. each rank draws its own masks
     core = model.layers[0].attention.core_attention
     q = torch.ones(1, 8, 2, 16)

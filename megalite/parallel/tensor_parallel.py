@@ -312,15 +312,15 @@ class PerRankDropoutAttention(nn.Module):
         super().__init__()
         self.inner, self.tp_rank = inner, tp_rank
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, document_ids=None):
         if not self.training:
-            return self.inner(q, k, v)
+            return self.inner(q, k, v, document_ids)
         seed = int(torch.randint(0, 2**62, (1,))) + self.tp_rank
         with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
             torch.default_generator.manual_seed(seed)
             if q.is_cuda:
                 torch.cuda.manual_seed(seed)
-            return self.inner(q, k, v)
+            return self.inner(q, k, v, document_ids)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
