@@ -12,11 +12,11 @@ from parity import TOL, make_inputs
 
 from megalite.ops.attention import block_attention, causal_attention, get_backend
 from megalite.ops.doc_attention import Pair, document_spans, merge_partial, plan_pairs, run_forward
-from megalite.parallel.all_gather_attention import all_gather_attention
+from megalite.parallel.all_gather_attention import all_gather_attention, all_gather_plan
 from megalite.parallel.apply_cp import ContextParallelAttention
 from megalite.parallel.ring_attention import ring_attention, ring_plans
 from megalite.parallel.ulysses_attention import ulysses_attention
-from megalite.parallel.zigzag import zigzag_split
+from megalite.parallel.zigzag import zigzag_positions, zigzag_split
 
 
 def doc_ids(seed, batch, seq, longest):
@@ -154,6 +154,29 @@ def test_uncovered_rows_merge_as_minus_inf():
     want = acc_out.clone(), acc_lse.clone()
     merge_partial(acc_out[:, 3:], acc_lse[:, :, 3:], out[:, 3:], lse[:, :, 3:])
     torch.testing.assert_close((acc_out, acc_lse), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_cp_plans_cover_the_mask_exactly_once(cp):
+    """Every visible (query, key) of the sample is computed exactly once over all ranks (and ring
+    steps), nothing invisible at all: checked on the plans, without spawning ranks."""
+    seq, chunk = 2 * cp * 3, 3
+    ids = doc_ids(20 + cp, 3, seq, 3 * chunk)
+    mask = (ids[:, :, None] == ids[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
+    layouts = [  # (plans of each ring step on a rank, global positions of the keys at that step)
+        (lambda r: ring_plans(cp, r, seq // cp, True, ids), lambda r, i: zigzag_positions(seq, cp, (r - i) % cp)),
+        (lambda r: [all_gather_plan(cp, r, seq // cp, True, ids)], lambda r, i: torch.arange(seq)),
+    ]
+    for plans_of, key_positions in layouts:
+        hits = torch.zeros(ids.shape[0], seq, seq, dtype=torch.long)
+        for rank in range(cp):
+            qpos = zigzag_positions(seq, cp, rank)
+            for step, plan in enumerate(plans_of(rank)):
+                kpos = key_positions(rank, step)
+                for p in plan:
+                    block = torch.ones(p.q.stop - p.q.start, p.k.stop - p.k.start, dtype=torch.long)
+                    hits[p.rows, qpos[p.q, None], kpos[None, p.k]] += block.tril() if p.causal else block
+        assert torch.equal(hits, mask.long())
 
 
 def test_bad_document_ids():
