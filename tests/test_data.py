@@ -15,6 +15,7 @@ from megalite.data.default_corpus import ensure_default_corpus
 from megalite.data.gpt_dataset import GPTDataset, build_datasets, split_bounds
 from megalite.data.indexed import DatasetFormatError, IndexedDataset, IndexedDatasetBuilder
 from megalite.data.preprocess import main as preprocess_main
+from megalite.data.preprocess import preprocess
 from megalite.data.tokenizer import Tokenizer, train_tokenizer
 
 EOD = 0
@@ -267,8 +268,8 @@ def test_preprocess_txt_and_jsonl(tmp_path, corpus):
     )
     ds = IndexedDataset(out)
     assert ds.vocab_size == tok.vocab_size and ds.tokenizer_fingerprint == tok.fingerprint
-    texts = [a] + [r["text"] for r in records]
-    assert len(ds) == 4
+    texts = [a] + [r["text"] for r in records if r["text"]]  # the empty document is skipped
+    assert len(ds) == 3
     for i, text in enumerate(texts):
         assert ds.doc(i)[-1] == tok.eod
         assert tok.decode(ds.doc(i)[:-1]) == text
@@ -290,9 +291,9 @@ def test_preprocess_errors(tmp_path, corpus):
     (tmp_path / "c.csv").write_text("x")
     with pytest.raises(ValueError, match="unsupported extension"):
         preprocess_main(["--input", str(tmp_path / "c.csv"), "--tokenizer-model", model, "--output-prefix", out])
-    (tmp_path / "d.txt").write_bytes(b"caf\xe9")
-    with pytest.raises(ValueError, match=r"d\.txt is not UTF-8 text .* at byte 3"):
-        preprocess_main(["--input", str(tmp_path / "d.txt"), "--tokenizer-model", model, "--output-prefix", out])
+    (tmp_path / "d.txt").write_bytes(b"caf\xe9")  # not UTF-8: the byte becomes U+FFFD, and is counted
+    stats = preprocess([str(tmp_path / "d.txt")], model, out, log=lambda *a: None)
+    assert stats["utf8_replaced"] == 1 and Tokenizer(model).decode(IndexedDataset(out).doc(0)[:-1]) == "caf\ufffd"
 
 
 def test_default_corpus_builds_once_and_is_reused(corpus):

@@ -22,7 +22,9 @@ under temporary names and renames ``.bin`` first, then ``.idx``: a reader that f
 that the offsets tile the .bin exactly, and names the file and the fix on any mismatch.
 """
 
+import array
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -54,10 +56,11 @@ class IndexedDatasetBuilder:
     """Streams documents to ``PREFIX.bin``; ``finalize()`` writes ``PREFIX.idx`` and publishes both.
 
     Usable as a context manager: leaving the block without ``finalize()`` (an exception, say)
-    removes the temporary files and publishes nothing.
+    removes the temporary files and publishes nothing. ``append=True`` starts from a copy of an
+    existing PREFIX dataset (same tokenizer required), published the same way.
     """
 
-    def __init__(self, prefix: str, vocab_size: int, tokenizer_fingerprint: bytes = _UNKNOWN):
+    def __init__(self, prefix: str, vocab_size: int, tokenizer_fingerprint: bytes = _UNKNOWN, *, append: bool = False):
         if vocab_size < 1 or vocab_size > 2**31:
             raise ValueError(f"vocab_size must be in [1, 2**31] (got {vocab_size})")
         if len(tokenizer_fingerprint) != len(_UNKNOWN):
@@ -68,9 +71,17 @@ class IndexedDatasetBuilder:
         if parent:
             os.makedirs(parent, exist_ok=True)
         self._tmp = f".tmp-{os.getpid()}"
-        self._bin = open(prefix + ".bin" + self._tmp, "wb")
-        self._sizes: list[int] = []
+        self._sizes = array.array("i")  # int32, as in the .idx
+        old = _existing(prefix, vocab_size, tokenizer_fingerprint) if append else None
+        if old is not None:
+            shutil.copyfile(prefix + ".bin", prefix + ".bin" + self._tmp)
+            self._sizes.frombytes(np.ascontiguousarray(old.sizes).tobytes())
+        self._bin = open(prefix + ".bin" + self._tmp, "ab" if old is not None else "wb")
         self._done = False
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._sizes)
 
     def add_document(self, ids) -> None:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -84,12 +95,23 @@ class IndexedDatasetBuilder:
         arr.astype(self.dtype).tofile(self._bin)
         self._sizes.append(arr.size)
 
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Many documents at once: ``tokens`` back to back (already of this builder's dtype)."""
+        if tokens.dtype != self.dtype or int(sizes.sum(dtype=np.int64)) != len(tokens):
+            raise ValueError(f"add_documents needs {self.dtype} tokens whose count is the sum of the sizes")
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            raise ValueError(
+                f"token ids outside [0, {self.vocab_size}): max {tokens.max()}; is vocab_size the tokenizer's?"
+            )
+        tokens.tofile(self._bin)
+        self._sizes.frombytes(np.asarray(sizes, dtype=np.int32).tobytes())
+
     def finalize(self) -> None:
         if not self._sizes:
             self._cleanup()
             raise DatasetFormatError(f"no documents were added to {self.prefix}; nothing written")
         self._bin.close()
-        sizes = np.asarray(self._sizes, dtype=np.int32)
+        sizes = np.frombuffer(self._sizes, dtype=np.int32)
         offsets = np.zeros(len(sizes), dtype=np.int64)
         np.cumsum(sizes[:-1], out=offsets[1:])
         code = 1 if self.dtype == _DTYPES[1] else 2
@@ -226,6 +248,19 @@ class IndexedDataset:
             raise IndexError(f"document {i} out of range for {len(self)} documents in {self.prefix}")
         start = int(self.offsets[i])
         return self.tokens[start : start + int(self.sizes[i])]
+
+
+def _existing(prefix: str, vocab_size: int, fingerprint: bytes):
+    """The dataset at ``prefix`` to append to (None when there is none), refused if another tokenizer wrote it."""
+    if not os.path.exists(prefix + ".idx"):
+        return None
+    old = IndexedDataset(prefix)
+    if old.vocab_size != vocab_size or (old.tokenizer_fingerprint or _UNKNOWN) != fingerprint:
+        raise DatasetFormatError(
+            f"--append: {prefix}.idx was written by another tokenizer (vocab {old.vocab_size}, fingerprint "
+            f"{(old.tokenizer_fingerprint or _UNKNOWN).hex()}); append with that tokenizer, or write a new prefix"
+        )
+    return old
 
 
 def check_tokenizer(ds: IndexedDataset, tokenizer) -> None:

@@ -46,9 +46,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts in one native call (multi-threaded inside SentencePiece)."""
-        return self._sp.encode(list(texts), out_type=int)
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Encode many texts in one native call (``num_threads`` inside SentencePiece; -1: all cores)."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
