@@ -27,6 +27,7 @@ from . import checkpoint
 from .metrics import MetricsLogger, memory_gib
 from .nonfinite import NonFiniteError, check_skips, save_refusal, step_flags
 from .optim import clip_grad_norm, lr_at, set_lr
+from .prefetch import Prefetcher
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def micro_batches(dataset, start: int, cfg, dims, device):
         batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}  # each [mb, s]
         if dims.cp > 1:
             batch = {k: zigzag_split(v, 1, dims.cp, dims.cp_rank) for k, v in batch.items()}
+        if torch.device(device).type == "cuda":  # pinned: the copy below is then truly asynchronous
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -176,11 +179,19 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
     model.train()
     start_iter, t_start = state.iteration, time.perf_counter()
     stop_at = min(t.train_iters, t.exit_interval or t.train_iters)
+    loader = Prefetcher(
+        lambda start: list(micro_batches(train_set, start, cfg, dims, device)),
+        t.global_batch_size,
+        device,
+        enabled=cfg.data.data_prefetch,
+    )
     while state.iteration < stop_at:
         t0 = time.perf_counter()
         lr = lr_at(state.iteration + 1, t)
         set_lr(optimizer, lr)
-        batches = list(micro_batches(train_set, state.consumed_samples, cfg, dims, device))
+        waited = loader.wait_s
+        batches = loader.get(state.consumed_samples)
+        data_wait = loader.wait_s - waited
         step = train_step(model, optimizer, batches, dims, cfg, device, state.exit_requested)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
@@ -205,6 +216,7 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
                 "skipped_iterations": state.skipped_iterations,
                 "tokens_per_sec": tokens_per_step / step_time,
                 "step_time": step_time,
+                "data_wait_s": data_wait,  # of step_time, spent waiting for this step's batches
                 "tflops_per_device": tflops,
                 "tflops_per_device_full_attn": flops_step_full_attn / per_device,
                 "mfu": tflops / peak if peak else None,
@@ -251,4 +263,5 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
                     flush=True,
                 )
             break
+    loader.close()
     return state
