@@ -5,7 +5,7 @@ import os
 import pytest
 import sentencepiece as spm
 
-from megalite.data.tokenizer import Tokenizer, main, train_tokenizer
+from megalite.data.tokenizer import Tokenizer, main, sample_lines, train_tokenizer
 
 # The json package's sources: real code, on every machine, small enough to train on in well under 1 s.
 SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
@@ -73,3 +73,21 @@ def test_cli(tmp_path, capsys):
     assert "vocab 500, eod id 2" in capsys.readouterr().out
     tok = Tokenizer(str(prefix) + ".model")
     assert tok.decode(tok.encode(ODD_TEXTS[1])) == ODD_TEXTS[1]
+
+
+def test_sampled_training_lines(tmp_path):
+    """--input-sentence-size: a uniform sample without replacement, deterministic, over all files."""
+    import gzip
+
+    (tmp_path / "a.txt").write_text("".join(f"line {i}\n" for i in range(6000)))
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("".join(f"line {i}\n" for i in range(6000, 10000)))
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt.gz")]
+    sample = sample_lines(files, 200)
+    index = [int(s.split()[1]) for s in sample]
+    assert len(set(index)) == 200 and all(0 <= i < 10000 for i in index)
+    assert 4000 < sum(index) / 200 < 6000 and sum(i >= 6000 for i in index) > 40  # both files, spread out
+    assert sample_lines(files, 200) == sample and sample_lines(files, 200, seed=1) != sample
+    assert sorted(sample_lines(files, 20000)) == sorted(f"line {i}" for i in range(10000))
+    tok = Tokenizer(train_tokenizer(files, str(tmp_path / "t"), 280, input_sentence_size=500))
+    assert tok.decode(tok.encode("line 123\n")) == "line 123\n"

@@ -14,7 +14,9 @@ CLI::
 
 import argparse
 import hashlib
+import math
 import os
+import random
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -67,8 +69,8 @@ def train_tokenizer(
 ) -> str:
     """Train a SentencePiece model on text files (one sentence per line); returns ``PREFIX.model``.
 
-    ``input_sentence_size`` > 0 samples that many lines (for very large inputs); 0 uses all.
-    Ids 0-3 are unk, bos, eos (the EOD token), pad.
+    ``input_sentence_size`` > 0 trains on that many lines drawn uniformly (``sample_lines``: one
+    pass, only the sample held in memory); 0 uses all. Ids 0-3 are unk, bos, eos (the EOD token), pad.
     """
     if not input_files:
         raise ValueError("train_tokenizer needs at least one input file (--input FILE ...)")
@@ -78,14 +80,17 @@ def train_tokenizer(
     parent = os.path.dirname(model_prefix)
     if parent:
         os.makedirs(parent, exist_ok=True)
+    source = (
+        {"sentence_iterator": iter(sample_lines(input_files, input_sentence_size))}
+        if input_sentence_size > 0
+        else {"input": list(input_files)}
+    )
     spm.SentencePieceTrainer.train(
-        input=list(input_files),
+        **source,
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=input_sentence_size > 0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
@@ -103,6 +108,36 @@ def train_tokenizer(
     return model_prefix + ".model"
 
 
+def sample_lines(input_files: Sequence[str], k: int, seed: int = 0) -> list[str]:
+    """``k`` lines drawn uniformly without replacement from all of ``input_files`` (.gz/.zst read too),
+    in one pass holding only the sample (reservoir sampling, Li's algorithm L: random numbers are
+    drawn per kept line, not per line read). Deterministic for a ``seed``; non-UTF-8 bytes become U+FFFD."""
+    from .readers import _decompressed
+
+    rng = random.Random(seed)
+
+    def log_u() -> float:  # log of a uniform draw in (0, 1)
+        return math.log(rng.random() or 0.5)
+
+    sample: list[str] = []
+    w = math.exp(log_u() / k)
+    skip = 0  # lines to pass over before the next one that replaces a sampled line
+    for path in input_files:
+        with open(path, "rb") as disk, _decompressed(path, disk) as f:
+            for line in f:
+                if len(sample) < k:
+                    sample.append(line.rstrip(b"\n").decode("utf-8", errors="replace"))
+                    if len(sample) == k:
+                        skip = int(log_u() / math.log(1 - w))
+                elif skip:
+                    skip -= 1
+                else:
+                    sample[rng.randrange(k)] = line.rstrip(b"\n").decode("utf-8", errors="replace")
+                    w *= math.exp(log_u() / k)
+                    skip = int(log_u() / math.log(1 - w))
+    return sample
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m megalite.data.tokenizer",
@@ -118,7 +153,9 @@ def main(argv=None) -> int:
         default=0.9995,
         help="share of characters given their own piece; the rest use byte fallback",
     )
-    p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many lines (0: all)")
+    p.add_argument(
+        "--input-sentence-size", type=int, default=0, help="train on this many lines sampled uniformly (0: all)"
+    )
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
     start = time.perf_counter()
