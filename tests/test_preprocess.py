@@ -107,23 +107,47 @@ def test_append_is_all_or_nothing(tmp_path, corpus, mixed):
         preprocess([mixed[0]], other, part, append=True, log=lambda *a: None)
 
 
-def test_optional_formats_fail_clearly_without_their_package(tmp_path, corpus):
+def _write_zst(path, records):
+    import zstandard
+
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(json.dumps(r).encode() + b"\n" for r in records)))
+
+
+def _write_parquet(path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [r["text"] for r in records]}), str(path), row_group_size=3)
+
+
+@pytest.mark.parametrize(
+    "name, module, write, missing",
+    [
+        ("d.jsonl.zst", "zstandard", _write_zst, "needs zstd support"),
+        ("d.parquet", "pyarrow", _write_parquet, "needs pyarrow"),
+    ],
+)
+def test_optional_formats(tmp_path, corpus, monkeypatch, name, module, write, missing):
+    """Read when their package is installed (not on the CI install), else a clear error."""
     model = corpus[3]
-    for name, module, match in [
-        ("d.jsonl.zst", "zstandard", "needs zstd support"),
-        ("d.parquet", "pyarrow", "needs pyarrow"),
-    ]:
-        try:
-            __import__(module)
-            continue  # installed: the format is read (not covered on the CI install)
-        except ImportError:
-            pass
+    try:
+        __import__(module)
+    except ImportError:
         (tmp_path / name).write_bytes(b"\0")
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=missing):
             preprocess([str(tmp_path / name)], model, str(tmp_path / "z"), log=lambda *a: None)
+        return
+    monkeypatch.setattr(readers, "CHUNK_LINES", 2)
+    write(tmp_path / name, [{"text": f"doc {i}"} for i in range(7)] + [{"text": ""}])
+    stats = preprocess([str(tmp_path / name)], model, str(tmp_path / "z"), workers=2, log=lambda *a: None)
+    assert decoded(str(tmp_path / "z"), Tokenizer(model)) == [f"doc {i}" for i in range(7)]
+    assert stats["empty_skipped"] == 1
+
+
+def test_unsupported_extension(tmp_path, corpus):
     (tmp_path / "e.csv").write_text("x")
     with pytest.raises(ValueError, match="unsupported extension.*gz or .zst compressed, or .parquet"):
-        preprocess_main(["--input", str(tmp_path / "e.csv"), "--tokenizer-model", model, "--output-prefix", "x"])
+        preprocess_main(["--input", str(tmp_path / "e.csv"), "--tokenizer-model", corpus[3], "--output-prefix", "x"])
 
 
 def test_progress_lines():

@@ -174,10 +174,13 @@ def build_blends(data, default_prefix, seq_length, seed, eod, batch, *, tokenize
     split = "1,0,0" if separate else data.split
     built: dict[str, tuple] = {}
 
-    def sets(prefix):
-        if prefix not in built:
-            built[prefix] = build_datasets(prefix, split, seq_length, seed, eod, tokenizer=tokenizer)
-        return built[prefix]
+    def sets(prefix, which):
+        # Train and valid never share a dataset object: the prefetch thread reads the train set
+        # while evaluation reads the valid set, and datasets cache without locks.
+        key = (prefix, which) if separate else prefix
+        if key not in built:
+            built[key] = build_datasets(prefix, split, seq_length, seed, eod, tokenizer=tokenizer)
+        return built[key]
 
     out = []
     for which, pick in (("train", 0), ("valid", 0 if separate else 1)):
@@ -185,7 +188,7 @@ def build_blends(data, default_prefix, seq_length, seed, eod, batch, *, tokenize
         if blend is None:
             out.append(None)
             continue
-        parts = [sets(prefix)[pick] for _, prefix in blend]
+        parts = [sets(prefix, which)[pick] for _, prefix in blend]
         if len(parts) == 1:
             out.append(parts[0])
         else:

@@ -40,12 +40,19 @@ _worker: dict = {}  # the tokenizer and options of this worker process
 
 
 def _init_worker(model: str, json_keys: Sequence[str], split_paragraphs: bool, skip_bad: bool) -> None:
-    _worker.update(tok=Tokenizer(model), keys=tuple(json_keys), split=split_paragraphs, skip=skip_bad)
+    # A failure here is kept for the first chunk to raise: a Pool initializer that raises makes the
+    # Pool start a new worker, forever.
+    try:
+        _worker.update(tok=Tokenizer(model), keys=tuple(json_keys), split=split_paragraphs, skip=skip_bad)
+    except Exception as exc:
+        _worker["error"] = exc
 
 
 def _encode(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Counts]:
     """(tokens, sizes, counts) of one chunk, EOD after each document."""
     w = _worker
+    if "error" in w:
+        raise w["error"]
     texts, counts = texts_of(chunk, w["keys"], w["split"], w["skip"])
     tok = w["tok"]
     ids = tok.encode_batch(texts, num_threads=1) if texts else []

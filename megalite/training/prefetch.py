@@ -54,6 +54,8 @@ class Prefetcher:
         if self._next is not None and self._next[0] == start:
             batches, ready = self._next[1].result()
         else:
+            if self._next is not None:  # let the worker finish first: datasets are not thread-safe
+                self._next[1].exception()
             batches, ready = self._prepare(start)
         self._next = None
         if ready is not None:
