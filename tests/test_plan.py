@@ -72,7 +72,8 @@ def _job(cfg, vocab, batch, bf16=False):
     """The planner's job for ``cfg`` as pretrain.py would build it (model options such as a fused
     loss follow the config), with this test's precision: the model run under autocast."""
     run = C.Config(model=cfg, train=C.TrainConfig(micro_batch_size=batch, global_batch_size=batch))
-    return dataclasses.replace(job_from(run, vocab), precision="bf16-autocast" if bf16 else "fp32")
+    job = job_from(run, vocab)  # called with labels alone, the model runs the plain output layer and loss
+    return dataclasses.replace(job, precision="bf16-autocast" if bf16 else "fp32", loss_chunk=None)
 
 
 MEMORY_CASES = {

@@ -132,10 +132,12 @@ def head_bytes(job: Job, lay: Layout, tokens: float) -> tuple[float, float]:
     m = job.model
     v = padded_vocab_size(job.vocab_size, m.make_vocab_size_divisible_by, lay.tp) / lay.tp
     chunk = min(tokens, job.loss_chunk or tokens)
-    norm = tokens * (job.param_bytes * m.hidden_size / (lay.tp if lay.sp else 1) + job.act_bytes * m.hidden_size + 8)
-    if job.loss_chunk:  # the loss's gradient is taken chunk by chunk in forward: kept are the fp32
-        # gradient of the final norm's output and of the output weight
-        return norm + 16 * tokens + 4 * tokens * m.hidden_size + 4 * v * m.hidden_size, chunk * v * (8 + job.act_bytes)
+    norm_in = tokens * (job.param_bytes * m.hidden_size / (lay.tp if lay.sp else 1) + 8)  # input, statistics
+    if job.loss_chunk:  # the gradient is taken chunk by chunk in forward: kept are the gradient of the
+        # final norm's output (compute dtype; the output itself is not kept) and the output weight's (fp32)
+        saved = norm_in + 16 * tokens + job.act_bytes * tokens * m.hidden_size + 4 * v * m.hidden_size
+        return saved, chunk * v * (8 + job.act_bytes)
+    norm = norm_in + tokens * job.act_bytes * m.hidden_size
     cast = job.act_bytes if job.act_bytes < 4 else 0
     return norm + 16 * tokens + 4 * tokens * v, tokens * v * (4 + job.act_bytes + cast)
 
