@@ -13,7 +13,7 @@ import sys
 
 from .. import config as C
 from . import hardware
-from .options import MODELLED, add_planner_flags, job_from, pretrain_flags
+from .options import MODELLED, add_planner_flags, cfg_value_or_flag, job_from, pretrain_flags
 from .presets import MODELS
 from .search import rank
 from .spec import Job
@@ -50,6 +50,8 @@ def _split_preset(argv: list[str]) -> list[str]:
 def build_job(cfg: C.Config, ns: argparse.Namespace) -> Job:
     if cfg.model.vocab_size is None:
         raise C.ConfigError("give --vocab-size (the planner has no tokenizer to read it from)")
+    if cfg_value_or_flag(cfg, ns, "reset_attention_mask") and not ns.mean_document_length:
+        raise C.ConfigError("--reset-attention-mask needs --mean-document-length (tokens) to count attention")
     return job_from(cfg, cfg.model.vocab_size, ns, ns.mean_document_length)
 
 

@@ -44,7 +44,7 @@ def add_planner_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, **kw)
 
 
-def _value(cfg: C.Config, ns, dest: str):
+def cfg_value_or_flag(cfg: C.Config, ns, dest: str):
     for section in dataclasses.fields(cfg):
         sec = getattr(cfg, section.name)
         if hasattr(sec, dest):
@@ -53,18 +53,18 @@ def _value(cfg: C.Config, ns, dest: str):
 
 
 def job_from(cfg: C.Config, vocab: int, ns=None, doc_length: float | None = None) -> Job:
-    """The Job of a parsed configuration; ``ns`` holds the planner-only flags (None in pretrain.py)."""
+    """The Job of a parsed configuration; ``ns`` holds the planner-only flags (None in pretrain.py).
+    Under --reset-attention-mask without a mean document length attention is counted causal over
+    the whole sequence (an upper bound)."""
     m, t = cfg.model, cfg.train
     fsdp = megalite_has_fsdp()
-    sharding = _value(cfg, ns, "data_parallel_sharding_strategy")
+    sharding = cfg_value_or_flag(cfg, ns, "data_parallel_sharding_strategy")
     if sharding is None:
-        sharding = "optim" if _value(cfg, ns, "use_distributed_optimizer") else "no_shard"
-    if _value(cfg, ns, "reset_attention_mask") and doc_length is None:
-        raise C.ConfigError("--reset-attention-mask needs --mean-document-length (tokens) to count attention")
+        sharding = "optim" if cfg_value_or_flag(cfg, ns, "use_distributed_optimizer") else "no_shard"
     offload = 0
-    if _value(cfg, ns, "cpu_offloading"):
-        offload = _value(cfg, ns, "cpu_offloading_num_layers") or max(m.num_layers - 1, 0)
-    hier = _value(cfg, ns, "hierarchical_context_parallel_sizes")
+    if cfg_value_or_flag(cfg, ns, "cpu_offloading"):
+        offload = cfg_value_or_flag(cfg, ns, "cpu_offloading_num_layers") or max(m.num_layers - 1, 0)
+    hier = cfg_value_or_flag(cfg, ns, "hierarchical_context_parallel_sizes")
     return Job(
         model=m,
         vocab_size=vocab,
@@ -74,11 +74,11 @@ def job_from(cfg: C.Config, vocab: int, ns=None, doc_length: float | None = None
         precision=("bf16" if fsdp else "bf16-autocast") if t.bf16 else "fp32",
         recompute=m.recompute_granularity,
         sharding=sharding,
-        doc_length=doc_length if _value(cfg, ns, "reset_attention_mask") else None,
-        loss_chunk=_value(cfg, ns, "loss_chunk_size") or None,
-        mlp_tile=_value(cfg, ns, "mlp_tile_size") or 0,
+        doc_length=doc_length if cfg_value_or_flag(cfg, ns, "reset_attention_mask") else None,
+        loss_chunk=cfg_value_or_flag(cfg, ns, "loss_chunk_size") or None,
+        mlp_tile=cfg_value_or_flag(cfg, ns, "mlp_tile_size") or 0,
         offload_layers=offload,
         hier_a2a=hier[0] if hier else 0,
         fsdp=fsdp,
-        overlap_grad_reduce=bool(_value(cfg, ns, "overlap_grad_reduce")) or not fsdp,
+        overlap_grad_reduce=bool(cfg_value_or_flag(cfg, ns, "overlap_grad_reduce")) or not fsdp,
     )
