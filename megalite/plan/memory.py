@@ -65,9 +65,10 @@ def state_bytes_per_param(job: Job, shard: int) -> dict:
     FSDP2 (``job.fsdp``, megalite's sharded path): fp32 masters, fp32 grads and Adam (16 bytes) at
     rest, divided by d unless ``no_shard`` (``optim`` runs as ``optim_grads``: FSDP2 cannot shard
     only the optimizer); the compute copy (4 or 2 bytes) is gathered for the whole model between
-    forward and backward, or one layer at a time with ``optim_grads_params``."""
+    forward and backward, or one layer at a time with ``optim_grads_params`` and per-layer units
+    (--overlap-grad-reduce). FSDP2 wraps only when DP x CP > 1 or under bf16."""
     s = job.sharding
-    if job.fsdp:
+    if job.fsdp and (shard > 1 or job.precision == "bf16"):  # else megalite runs the plain model
         d = 1 if s == "no_shard" else shard
         compute = 2 if job.precision == "bf16" else 4
         return {
@@ -75,8 +76,10 @@ def state_bytes_per_param(job: Job, shard: int) -> dict:
             "grads": 4 / d,
             "optimizer": 8 / d,
             "gathered": compute,
-            "per_layer": s == "optim_grads_params",
+            "per_layer": s == "optim_grads_params" and job.overlap_grad_reduce,  # else one unit: all of it
         }
+    if job.fsdp:
+        return {"weights": 4, "grads": 4, "optimizer": 8, "gathered": 0, "per_layer": False}
     w = job.param_bytes
     opt = 8 + (4 if job.precision == "bf16" else 0)
     return {
