@@ -27,6 +27,7 @@ import filecmp
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -173,6 +174,7 @@ def bench_prefetch(work: str, iters: int) -> dict:
     res = {"seq_length": 8192, "load_avg": _load_avg()}
     for name, extra in (("prefetch", []), ("no_prefetch", ["--no-data-prefetch"])):
         log_dir = os.path.join(work, name)
+        shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl appends
         cmd = [sys.executable, os.path.join(ROOT, "pretrain.py"), "--num-layers", "2", "--hidden-size", "64"]
         cmd += ["--num-attention-heads", "4", "--seq-length", "8192", "--micro-batch-size", "1"]
         cmd += ["--train-iters", str(iters), "--eval-iters", "0", "--log-dir", log_dir, "--device", "cpu", *extra]
