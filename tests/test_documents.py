@@ -9,7 +9,7 @@ import torch
 
 from megalite import config as C
 from megalite.config import ModelConfig
-from megalite.data.documents import PackedDocuments, document_ids, pack_documents
+from megalite.data.documents import PackedDocuments, attended_document_length, document_ids, pack_documents
 from megalite.data.gpt_dataset import GPTDataset
 from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megalite.model import GPT
@@ -65,6 +65,13 @@ def test_fields_are_megatrons(tmp_path, flags):
 def test_document_ids_edges():
     t = torch.tensor([[0, 0, 5, 6, 0, 7], [5, 6, 7, 8, 9, 0]])  # starts on EOD, EOD runs, one cut document
     assert document_ids(t, 0).tolist() == [[0, 1, 2, 2, 2, 3], [0, 0, 0, 0, 0, 0]]
+
+
+def test_attended_document_length_counts_the_pairs_inside_documents():
+    """The planner's s * L / 2 attention pairs equal the sum of L_i^2 / 2 over the sample's pieces."""
+    samples = [{"tokens": torch.tensor([5, 5, 0, 5, 0, 5, 5, 5])}, {"tokens": torch.tensor([0] * 8)}]
+    got = attended_document_length(PackedDocuments(samples, EOD, reset_attention_mask=True))
+    assert got == (9 + 4 + 9 + 8) / 16
 
 
 def test_flags_parse_and_off_means_unchanged():

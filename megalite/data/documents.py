@@ -74,3 +74,13 @@ def pack_documents(dataset, data_cfg, eod: int):
     if dataset is None or not any(flags.values()):
         return dataset
     return PackedDocuments(dataset, eod, **flags)
+
+
+def attended_document_length(dataset, samples: int = 16) -> float:
+    """sum(L^2) / sum(L) over the document pieces of the first ``samples`` samples: the document length
+    L for which s * L / 2 is their attention pairs per sample (the planner's count)."""
+    squares = total = 0
+    for i in range(min(samples, len(dataset))):
+        lengths = torch.unique_consecutive(document_ids(dataset[i]["tokens"], dataset.eod), return_counts=True)[1]
+        squares, total = squares + int((lengths**2).sum()), total + int(lengths.sum())
+    return squares / total

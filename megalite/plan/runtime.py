@@ -33,12 +33,13 @@ def hardware_for(device: torch.device) -> hardware.Hardware | None:
 class PlanCheck:
     """Prediction for this run, and the comparison once the first iterations are measured."""
 
-    def __init__(self, cfg: Config, vocab: int, dims, device: torch.device, gpus_per_node: int):
+    def __init__(self, cfg: Config, vocab: int, dims, device: torch.device, gpus_per_node: int, doc_length=None):
+        """``doc_length``: the mean document length the attention sees under --reset-attention-mask."""
         p = cfg.parallel
         self.layout = Layout(tp=dims.tp, cp=dims.cp, dp=dims.dp, sp=dims.sequence_parallel, cp_comm=p.cp_comm_type)
         self.hw = hardware_for(device)
         ref = self.hw or hardware.load("h100-sxm")  # memory needs no rates, only the baseline
-        self.pred: Prediction = predict(job_from(cfg, vocab), self.layout, ref, gpus_per_node)
+        self.pred: Prediction = predict(job_from(cfg, vocab, doc_length=doc_length), self.layout, ref, gpus_per_node)
         if self.hw is None:
             self.pred.memory["total"] -= self.pred.memory["baseline"]
         self.device, self.steps, self.mem, self.done = device, [], 0.0, False

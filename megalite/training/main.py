@@ -18,7 +18,7 @@ from .. import config as C
 from .. import distributed
 from ..config import ConfigError
 from ..data.blend import blend_change, blend_flags, build_blends, describe
-from ..data.documents import pack_documents
+from ..data.documents import attended_document_length, pack_documents
 from ..data.indexed import DatasetFormatError, IndexedDataset
 from ..data.tokenizer import Tokenizer
 from ..model import GPT
@@ -121,7 +121,10 @@ def main(argv=None) -> int:
     if ckpt_dir is not None:
         ckpt_dir = checkpoint.verify_load_dir(cfg.checkpoint.load, ckpt_dir, cfg, vocab, log)
     dims = ParallelDims.build(cfg.parallel)
-    plan = PlanCheck(cfg, vocab, dims, device, torch.cuda.device_count() if device.type == "cuda" else world)
+    doc_length = attended_document_length(train_set) if cfg.data.reset_attention_mask else None
+    plan = PlanCheck(
+        cfg, vocab, dims, device, torch.cuda.device_count() if device.type == "cuda" else world, doc_length
+    )
     if dims.is_logger:  # before the model is allocated, so a run predicted not to fit says so first
         print(plan.startup_line(), flush=True)
         if plan.memory_warning():
