@@ -120,6 +120,25 @@ class ParallelConfig:
         None, "--distributed-backend", "default: nccl on CUDA, gloo on CPU", choices=["nccl", "gloo"]
     )
     distributed_timeout_minutes: float = _f(10.0, "--distributed-timeout-minutes", "bound on every collective")
+    use_distributed_optimizer: bool = _f(
+        False, "--use-distributed-optimizer", "shard optimizer state over DP x CP (sharding strategy at least optim)"
+    )
+    data_parallel_sharding_strategy: str | None = _f(
+        None,
+        "--data-parallel-sharding-strategy",
+        "what FSDP2 shards over DP x CP (default no_shard, or optim with --use-distributed-optimizer)",
+        choices=["no_shard", "optim", "optim_grads", "optim_grads_params"],
+    )
+    overlap_grad_reduce: bool = _f(False, "--overlap-grad-reduce", "reduce gradients per bucket during the backward")
+    overlap_param_gather: bool = _f(
+        False, "--overlap-param-gather", "gather the next bucket's parameters ahead of its forward"
+    )
+    ddp_bucket_size: int | None = _f(
+        None, "--ddp-bucket-size", "parameters per overlapped bucket (whole layers; default one layer)"
+    )
+    accumulate_allreduce_grads_in_fp32: bool = _f(
+        True, "--accumulate-allreduce-grads-in-fp32", "with --bf16, reduce and accumulate gradients in fp32"
+    )
 
 
 @dataclass
@@ -140,7 +159,7 @@ class TrainConfig:
     max_skipped_steps: int = _f(
         5, "--max-skipped-steps", "stop after N consecutive steps skipped for a non-finite loss or gradient (0 = never)"
     )
-    bf16: bool = _f(False, "--bf16", "bf16 autocast, fp32 master weights")
+    bf16: bool = _f(False, "--bf16", "bf16 compute parameters, fp32 master weights (FSDP2 mixed precision)")
     seed: int = _f(1234, "--seed", "seed for init, data order and dropout")
     eval_interval: int = _f(1000, "--eval-interval", "evaluate every N steps")
     eval_iters: int = _f(10, "--eval-iters", "global batches per evaluation")
@@ -446,6 +465,9 @@ def validate(cfg: Config) -> None:
     from .rope import validate_rope  # its own module: RoPE variants are a unit
 
     validate_rope(m)
+    from .parallel.sharding import validate_sharding
+
+    validate_sharding(p)
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

@@ -103,7 +103,7 @@ def generate(
 
 
 def eval_sample(model, tokenizer, prompt: str, dims, bf16: bool, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` by the training model (unwrapped from DDP), called by every
+    """Greedy continuation of ``prompt`` by the training model (FSDP2 wraps it in place), called by every
     rank. CP ranks hold whole layers, so each decodes alone (the cache replaces the CP attention);
     TP ranks decode together, joining the logits' vocabulary shards."""
 

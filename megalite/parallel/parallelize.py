@@ -3,21 +3,21 @@
 1. tensor parallel (+ sequence parallel): shard linear layers, embedding, output and loss;
 2. context parallel: swap each block's core attention for the CP attention of --cp-comm-type;
 3. move to the device;
-4. data parallel: DDP over the flattened DP x CP group with a SUM comm hook, because the loop
-   normalises the loss by the global token count (so gradients must add, not average).
+4. data parallel: FSDP2 over the flattened DP x CP group (data_parallel.py), summing gradients
+   because the loop normalises the loss by the global token count; with --bf16 it also keeps
+   the bf16 compute copies of the fp32 master weights.
 Activation recompute is a model option (--recompute-granularity), independent of the layout.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config, ConfigError
 from ..ops.attention import fused_kernel_fits
 from .apply_cp import apply_cp, validate_cp
 from .apply_tp import apply_tp, validate_tp
+from .data_parallel import apply_dp
 from .dims import ParallelDims
 
 
@@ -42,25 +42,10 @@ def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
             )
 
 
-def _sum_hook(group, bucket):
-    """DDP comm hook: all-reduce SUM (DDP's default divides by the group size)."""
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
-
-
 def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: Config, device: torch.device):
     if dims.tp > 1:
         apply_tp(model, dims.tp_group, dims.sequence_parallel)
     if dims.cp > 1:
         apply_cp(model, dims.cp_group, cfg.parallel.cp_comm_type)
     model.to(device)
-    if dims.dp * dims.cp > 1:
-        group = dims.dp_cp_group
-        # The model has no buffers, so DDP's buffer options (renamed across torch releases) stay at defaults.
-        model = DDP(model, process_group=group, device_ids=[device] if device.type == "cuda" else None)
-        model.register_comm_hook(group, _sum_hook)
-    return model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DDP) else model
+    return apply_dp(model, dims, cfg, device)

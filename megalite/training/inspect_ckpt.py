@@ -62,7 +62,11 @@ def describe(ckpt_dir: str, tensors: bool = False) -> list[str]:
                 f"split on dim {e['dim']} over {', '.join(e['files'])}"
                 if e["dim"] is not None
                 else f"replicated, in {e['files'][0]}"
+                if len(e["files"]) == 1
+                else f"in {', '.join(e['files'])}"
             )
+            if e.get("pieces", 1) > 1:
+                split += f" (each TP shard in {e['pieces']} pieces along dim 0, FSDP2 over DP x CP)"
             lines.append(f"    {key}  {e['shape']}{rows} {e['dtype']} {split}")
     return lines
 

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from ..config import Config
 from ..generate import eval_sample
+from ..parallel.data_parallel import finish_grads, grad_sync
 from ..parallel.dims import ParallelDims
-from ..parallel.parallelize import unwrap
 from ..parallel.zigzag import zigzag_split
 from . import checkpoint
 from .metrics import MetricsLogger, memory_gib
@@ -34,7 +34,7 @@ from .prefetch import Prefetcher
 class TrainSetup:
     """What train() works on, built by main() before the first step."""
 
-    model: torch.nn.Module  # in its parallel form (TP/CP modules, DDP over DP x CP)
+    model: torch.nn.Module  # in its parallel form (TP/CP modules, FSDP2 over DP x CP)
     optimizer: torch.optim.Optimizer
     train_set: Dataset
     valid_set: Dataset | None  # None: evaluation off
@@ -96,9 +96,9 @@ def blame(op: str, dims, cfg):
         ) from exc
 
 
-def _forward_loss(model, batch, global_tokens, autocast):
-    with autocast:
-        per_token = model(batch["tokens"], batch["position_ids"], batch["labels"], batch.get("document_ids"))
+def _forward_loss(model, batch, global_tokens):
+    # per-token loss in fp32, also under --bf16
+    per_token = model(batch["tokens"], batch["position_ids"], batch["labels"], batch.get("document_ids"))
     return (per_token * batch["loss_mask"]).sum() / global_tokens
 
 
@@ -113,24 +113,22 @@ def _global_tokens(batches, dims, device):
 def train_step(model, optimizer, batches, dims, cfg, device, exit_requested: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches, skipped on every rank when any rank's
     loss or gradient is not finite; the same world all-reduce shares the exit-signal flag."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     with blame("loss-token count all-reduce (DP x CP)", dims, cfg):
         global_tokens = _global_tokens(batches, dims, device)
     loss_sum = torch.zeros((), device=device)
     for m, batch in enumerate(batches):
         last = m == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with (
-            sync,
-            blame(f"forward/backward of micro-batch {m} (TP/CP exchanges, DP x CP gradient all-reduce)", dims, cfg),
-        ):
-            loss = _forward_loss(model, batch, global_tokens, autocast)
+        grad_sync(model, last)
+        with blame(f"forward/backward of micro-batch {m} (TP/CP exchanges, DP x CP gradient reduction)", dims, cfg):
+            loss = _forward_loss(model, batch, global_tokens)
             loss.backward()
         loss_sum += loss.detach()
+    with blame("sequence-parallel gradient all-reduce (TP)", dims, cfg):
+        finish_grads(model, dims.tp_group)
     with blame("loss all-reduce (DP x CP)", dims, cfg):
         dist.all_reduce(loss_sum, group=dims.dp_cp_group)
-    with blame("grad-norm all-reduce (TP)", dims, cfg):
-        grad_norm = clip_grad_norm(unwrap(model).parameters(), cfg.train.clip_grad, dims.tp_group)
+    with blame("grad-norm all-reduce (DP x CP, TP)", dims, cfg):
+        grad_norm = clip_grad_norm(model.parameters(), cfg.train.clip_grad, dims.tp_group, dims.dp_cp_group)
     with blame("non-finite and exit-signal flags all-reduce (world)", dims, cfg):
         skipped, exiting = step_flags(loss_sum, grad_norm, exit_requested)
     if not skipped:
@@ -144,12 +142,11 @@ def evaluate(model, dataset, dims, cfg, device) -> float:
     """Mean loss over the first --eval-iters global batches of `dataset`: the same samples at every
     evaluation, so successive values compare (Megatron-LM walks on through the set instead)."""
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     num = torch.zeros((), device=device)
     den = torch.zeros((), device=device)
     for e in range(cfg.train.eval_iters):
         for batch in micro_batches(dataset, e * cfg.train.global_batch_size, cfg, dims, device):
-            num += _forward_loss(model, batch, 1.0, autocast)
+            num += _forward_loss(model, batch, 1.0)
             den += batch["loss_mask"].sum()
     model.train()
     both = torch.stack([num, den])
@@ -238,7 +235,7 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
             and (state.iteration % t.eval_interval == 0 or state.iteration == t.train_iters)
         ):
             with blame("--eval-sample-prompt generation (TP logits all-gather)", dims, cfg):
-                text = eval_sample(unwrap(model), setup.tokenizer, t.eval_sample_prompt, dims, t.bf16)
+                text = eval_sample(model, setup.tokenizer, t.eval_sample_prompt, dims, t.bf16)
             if record:
                 record["sample"] = text
                 print(f"megalite: sample at iteration {state.iteration}: {t.eval_sample_prompt + text!r}", flush=True)
@@ -250,11 +247,11 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
         periodic = ck.save_interval and state.iteration % ck.save_interval == 0
         if ck.save and (periodic or step.exiting or state.iteration == stop_at):
             with blame("non-finite check before the checkpoint save (world)", dims, cfg):
-                refusal = save_refusal(unwrap(model), optimizer, dims, state.iteration, ck.save, device)
+                refusal = save_refusal(model, optimizer, dims, state.iteration, ck.save, device)
             if refusal:
                 raise NonFiniteError(refusal)
             with blame("checkpoint save", dims, cfg):
-                checkpoint.save(ck.save, state.iteration, state.consumed_samples, unwrap(model), optimizer, dims, cfg)
+                checkpoint.save(ck.save, state.iteration, state.consumed_samples, model, optimizer, dims, cfg)
         if step.exiting:
             if logger:
                 print(

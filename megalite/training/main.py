@@ -23,7 +23,7 @@ from ..data.indexed import DatasetFormatError, IndexedDataset
 from ..data.tokenizer import Tokenizer
 from ..model import GPT
 from ..parallel.dims import ParallelDims, check_layout
-from ..parallel.parallelize import parallelize, unwrap, validate_layout
+from ..parallel.parallelize import parallelize, validate_layout
 from ..plan.runtime import PlanCheck
 from . import checkpoint
 from .loop import TrainSetup, TrainState, train
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt_dir is not None:
-        meta = checkpoint.load(ckpt_dir, unwrap(model), optimizer, dims, cfg, log)
+        meta = checkpoint.load(ckpt_dir, model, optimizer, dims, cfg, log)
         state = TrainState(meta["iteration"], meta["consumed_samples"])
         finetune = cfg.checkpoint.finetune  # the data position starts at 0: no blend to continue
         change = blend_change(meta["data"], cfg.data) if "data" in meta and not finetune else None

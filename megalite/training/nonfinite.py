@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..parallel.data_parallel import local
+
 
 class NonFiniteError(RuntimeError):
     """Training cannot go on, or a checkpoint cannot be written, because values are not finite."""
@@ -44,9 +46,9 @@ def check_skips(iteration: int, consecutive: int, max_skipped: int) -> None:
 def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """Name of the first parameter or optimizer state tensor holding a NaN or inf, else None."""
     names = {p: n for n, p in model.named_parameters()}
-    tensors = [(f"model/{n}", p.detach()) for p, n in names.items()]
+    tensors = [(f"model/{n}", local(p.detach())) for p, n in names.items()]  # this rank's pieces
     tensors += [
-        (f"optim/{names[p]}/{k}", v)
+        (f"optim/{names[p]}/{k}", local(v))
         for p, state in optimizer.state.items()
         for k, v in state.items()
         if torch.is_tensor(v)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
+from ..parallel.data_parallel import is_dp_sharded, local
 from ..parallel.tensor_parallel import split_dim
 
 
@@ -47,29 +48,28 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def clip_grad_norm(params, max_norm: float, tp_group) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, tp_group, dp_cp_group) -> torch.Tensor:
     """Global L2 norm of all gradients, clipping in place when max_norm > 0.
 
-    Parameters with a ``tp_split_dim`` are shards whose squares are summed over TP; replicated
-    ones are counted once. DP/CP replicas already hold identical summed gradients.
+    Each gradient is counted once: squares of pieces split over DP x CP (FSDP2 shards) are
+    summed over DP x CP, then those of parameters with a ``tp_split_dim`` over TP; replicated
+    copies (DP x CP replicas hold identical summed gradients, TP replicas too) count once.
     """
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     dev = grads[0].grad.device
-    sharded = torch.zeros((), device=dev, dtype=torch.float32)
-    replicated = torch.zeros((), device=dev, dtype=torch.float32)
+    sq = torch.zeros(2, 2, device=dev, dtype=torch.float32)  # [split over DP x CP?, split over TP?]
     for p in grads:
-        sq = p.grad.detach().float().pow(2).sum()
-        if split_dim(p) is not None:
-            sharded += sq
-        else:
-            replicated += sq
+        sq[int(is_dp_sharded(p)), int(split_dim(p) is not None)] += local(p.grad).detach().float().pow(2).sum()
+    if dist.get_world_size(dp_cp_group) > 1 and any(map(is_dp_sharded, grads)):
+        dist.all_reduce(sq[1], group=dp_cp_group)
+    per_tp = sq.sum(dim=0)  # [replicated over TP, split over TP]
     if dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded, group=tp_group)
-    total = (sharded + replicated).sqrt()
+        dist.all_reduce(per_tp[1:], group=tp_group)
+    total = per_tp.sum().sqrt()
     if max_norm > 0:
         coeff = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in grads:
-            p.grad.detach().mul_(coeff.to(p.grad.dtype))
+            local(p.grad).detach().mul_(coeff.to(p.grad.dtype))
     return total

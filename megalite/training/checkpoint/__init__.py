@@ -15,10 +15,11 @@ Every tensor is keyed by NAME: ``model/<param>`` and ``optim/<param>/<state>`` (
 meta.json gives each tensor's full (dense-model) shape, the dim its TP shards split (None when
 replicated), and the file holding each shard. Identical copies (DP x CP replicas, and
 replicated tensors on every TP rank) are written once, by the replica with the fewest bytes so
-far, so all ranks write in parallel.
+far, so all ranks write in parallel. Under a sharded data-parallel strategy FSDP2 splits each
+TP shard on dim 0 over DP x CP ("pieces" in the index): each rank writes the piece it holds.
 
 Loading into another layout: each rank reads, for each of its parameters, the region its new
-TP rank owns, copying from whichever old shards overlap it (files are memory-mapped, so only
+TP rank (and FSDP2 piece) owns, copying from whichever old shards overlap it (files are memory-mapped, so only
 those bytes are read). Vocabulary tensors keep their ``vocab_size`` real rows; the padding,
 which depends on TP, is re-created as zeros. LR schedule = f(iteration) and the data position
 is ``consumed_samples``; both are layout independent. RNG: the same layout (TP, CP, DP)

@@ -20,6 +20,7 @@ from .format import (
     _iter_name,
     _rank_file,
     _rng_state,
+    _slot,
     _write_atomic,
 )
 from .integrity import ChecksumWriter
@@ -115,19 +116,18 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
             failed = f"creating {tmp} failed ({type(exc).__name__}: {exc})"
     entries = _entries(model, optimizer)
     digest = hashlib.sha1(
-        repr(sorted((k, tuple(t.shape), str(t.dtype), d) for k, (t, d, _) in entries.items())).encode()
+        repr(sorted((k, tuple(e.shape), str(e.tensor.dtype), e.dim, e.pieces) for k, e in entries.items())).encode()
     ).hexdigest()
     digests = _agree((digest, failed), "preparing", save_dir, name, dims.world_size)  # tmp exists from here on
     if len(set(digests)) != 1:
         raise RuntimeError(f"checkpoint save: ranks hold different tensor sets or shapes {digests}")
     plan = _assign(entries, dims)
-    shard = dims.tp_rank
-    mine = {k: _standalone(entries[k][0].cpu()) for k, w in plan.items() if w[shard if len(w) > 1 else 0] == dims.rank}
+    mine = {k: _standalone(e.tensor.cpu()) for k, e in entries.items() if plan[k][_slot(e, dims.tp_rank)] == dims.rank}
     path = os.path.join(tmp, _rank_file(dims.rank))
     try:
         written, failed = _write_share(path, {"tensors": mine, "rng": _rng_state()}), None
     except OSError as exc:
-        total = sum(t.nbytes * len(plan[k]) for k, (t, _, _) in entries.items())
+        total = sum(e.piece_bytes * len(plan[k]) for k, e in entries.items())
         written, failed = None, _write_failure(path, exc, sum(t.nbytes for t in mine.values()), total)
     try:
         files = _agree((written, failed), "writing the rank files", save_dir, name, dims.world_size)
@@ -138,16 +138,17 @@ def save(save_dir: str, iteration: int, consumed: int, model, optimizer, dims, c
     verdict = [None]
     if dims.rank == 0:
         index = {}
-        for key, (t, dim, real) in entries.items():
-            shape = list(t.shape)
-            if dim is not None:
-                shape[dim] *= dims.tp
+        for key, e in entries.items():
+            shape = list(e.shape)
+            if e.dim is not None:
+                shape[e.dim] *= dims.tp
             index[key] = {
                 "shape": shape,
-                "dtype": str(t.dtype).removeprefix("torch."),
-                "dim": dim,
+                "dtype": str(e.tensor.dtype).removeprefix("torch."),
+                "dim": e.dim,
                 "files": [_rank_file(r) for r in plan[key]],
-                **({"real": real} if real else {}),
+                **({"real": e.real} if e.real else {}),
+                **({"pieces": e.pieces} if e.pieces > 1 else {}),
             }
         meta = {
             "format": FORMAT,

@@ -1,12 +1,15 @@
-"""Resharding load: each rank reads the regions of the dense tensors its new layout owns."""
+"""Resharding load: each rank reads the regions of the dense tensors its new layout owns (its TP
+shard, and of that its FSDP2 piece), never the whole model."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from .format import _rank_file, _reseed, _set_rng_state, partition_dims
+from ...parallel.data_parallel import local
+from .format import _rank_file, _reseed, _set_rng_state, _split, partition_dims, piece_box
 from .resolve import read_meta
 
 
@@ -23,23 +26,18 @@ class _Reader:
             )
         return self.files[name]
 
-    def region(self, key: str, local: torch.Size, dim: int | None, tp_rank: int) -> torch.Tensor:
-        """The block of dense tensor ``key`` that a rank holding ``local`` (split along ``dim``,
-        TP rank ``tp_rank``) owns. Rows past the real vocabulary are zeros."""
+    def region(self, key: str, lo: list, hi: list, dtype: torch.dtype) -> torch.Tensor:
+        """The box [lo, hi) of dense tensor ``key``, as ``dtype`` (bf16 and fp32 convert here).
+        Rows past the real vocabulary are zeros."""
         e = self.index[key]
-        lo = [0] * len(local)
-        if dim is not None:
-            lo[dim] = tp_rank * local[dim]
-        hi = [a + n for a, n in zip(lo, local)]
         limit = list(e["shape"])
         if "real" in e:
             limit[0] = e["real"]
-        out = torch.zeros(local, dtype=getattr(torch, e["dtype"]))
-        for k, fname in enumerate(e["files"]):  # old shard k covers [src_lo, src_hi) of the dense tensor
-            src_lo, src_hi = [0] * len(limit), list(e["shape"])
-            if e["dim"] is not None:
-                n = e["shape"][e["dim"]] // len(e["files"])
-                src_lo[e["dim"]], src_hi[e["dim"]] = k * n, (k + 1) * n
+        pieces = e.get("pieces", 1)
+        out = torch.zeros([b - a for a, b in zip(lo, hi)], dtype=dtype)
+        for f, fname in enumerate(e["files"]):  # file f holds piece j of TP shard t
+            t, j = divmod(f, pieces)
+            src_lo, src_hi = piece_box(e["shape"], e["dim"], len(e["files"]) // pieces, t, pieces, j)
             a = [max(x, y) for x, y in zip(lo, src_lo)]
             b = [min(x, y, z) for x, y, z in zip(hi, src_hi, limit)]
             if any(x >= y for x, y in zip(a, b)):
@@ -50,8 +48,27 @@ class _Reader:
         return out
 
 
-def _optimizer_state(reader: _Reader, model, optimizer, split: dict, tp_rank: int) -> dict:
-    """torch's optimizer ``state`` ({param index: {name: tensor}}) read for this rank's shards."""
+def _box(p, dim: int | None, tp: int, tp_rank: int) -> tuple[list, list]:
+    """The box of this rank's own dense tensor that parameter ``p`` holds here."""
+    dense = list(p.shape)  # a DTensor's shape is the whole TP shard
+    if dim is not None:
+        dense[dim] *= tp
+    pieces, j = _split(p)
+    return piece_box(dense, dim, tp, tp_rank, pieces, j)
+
+
+def _like(p, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (this rank's piece) laid out like parameter ``p``: a DTensor for FSDP2 parameters."""
+    values = values.to(p.device)
+    if isinstance(p, DTensor):
+        return DTensor.from_local(
+            values, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+    return values
+
+
+def _optimizer_state(reader: _Reader, model, optimizer, split: dict, dims) -> dict:
+    """torch's optimizer ``state`` ({param index: {name: tensor}}) read for this rank's pieces."""
     keys = {}
     for key in reader.index:
         if key.startswith("optim/"):
@@ -65,11 +82,10 @@ def _optimizer_state(reader: _Reader, model, optimizer, split: dict, tp_rank: in
         per_param = {}
         for key, k in keys.get(n, []):
             shape = reader.index[key]["shape"]
-            per_param[k] = (
-                reader.region(key, p.shape, split.get(n), tp_rank)
-                if shape == dense  # exp_avg, ...
-                else reader.region(key, torch.Size(shape), None, 0)
-            )  # replicated, e.g. step
+            if shape == dense:  # exp_avg, ...
+                per_param[k] = _like(p, reader.region(key, *_box(p, split.get(n), dims.tp, dims.tp_rank), p.dtype))
+            else:  # replicated, e.g. step
+                per_param[k] = reader.region(key, [0] * len(shape), shape, torch.float32)
         if per_param:
             state[i] = per_param
     return state
@@ -85,11 +101,11 @@ def load(ckpt_dir: str, model, optimizer, dims, cfg, log=print) -> dict:
     reader, split = _Reader(ckpt_dir, meta), partition_dims(model)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(reader.region(f"model/{n}", p.shape, split.get(n), dims.tp_rank))
+            local(p).copy_(reader.region(f"model/{n}", *_box(p, split.get(n), dims.tp, dims.tp_rank), p.dtype))
     if ck.load_optim and not ck.finetune:
         optimizer.load_state_dict(
             {
-                "state": _optimizer_state(reader, model, optimizer, split, dims.tp_rank),
+                "state": _optimizer_state(reader, model, optimizer, split, dims),
                 "param_groups": optimizer.state_dict()["param_groups"],
             }
         )

@@ -11,7 +11,7 @@ import torch
 from ...config import ConfigError
 from ...model import GPT
 from . import integrity
-from .format import _ITER, _UNFINISHED, FORMAT
+from .format import _ITER, _UNFINISHED, READABLE
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -27,8 +27,8 @@ def problem(ckpt_dir: str) -> str | None:
         return "no meta.json (save did not finish)"
     except (OSError, ValueError) as exc:
         return f"unreadable meta.json ({exc})"
-    if meta.get("format") != FORMAT:
-        return f"format {meta.get('format')} (this megalite reads format {FORMAT})"
+    if meta.get("format") not in READABLE:
+        return f"format {meta.get('format')} (this megalite reads formats {', '.join(map(str, READABLE))})"
     return next(filter(None, (integrity.file_problem(ckpt_dir, n, meta, checksum=False) for n in meta["files"])), None)
 
 
