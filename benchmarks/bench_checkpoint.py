@@ -44,7 +44,7 @@ from megalite import config as C
 from megalite import distributed
 from megalite.model import GPT
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.parallelize import parallelize, unwrap
+from megalite.parallel.parallelize import parallelize
 from megalite.training import checkpoint
 from megalite.training.checkpoint import integrity
 from megalite.training.checkpoint.atomic_save import _write_share
@@ -73,7 +73,7 @@ def build(hidden: int, tp: int):
     )
     cfg.train.global_batch_size = dist.get_world_size() // tp
     dims = ParallelDims.build(cfg.parallel)
-    model = unwrap(parallelize(GPT(cfg.model, VOCAB), dims, cfg, torch.device("cpu")))
+    model = parallelize(GPT(cfg.model, VOCAB), dims, cfg, torch.device("cpu"))
     opt = build_optimizer(model, cfg.train)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)

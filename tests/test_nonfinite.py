@@ -1,7 +1,6 @@
 """Non-finite loss or gradient: the update is skipped identically on every rank and logged, the run
 stops after --max-skipped-steps skips in a row, and no checkpoint is written with non-finite values."""
 
-import copy
 import math
 import os
 
@@ -10,7 +9,7 @@ import torch
 from multiproc import run_ranks
 from pretrain_utils import TINY, losses, run_pretrain, train
 
-from megalite.parallel.parallelize import unwrap
+from megalite.parallel.data_parallel import local
 from megalite.training import checkpoint, loop
 from megalite.training.main import main
 
@@ -21,7 +20,9 @@ FLAGS = ["--train-iters", "5", "--global-batch-size", "4", "--micro-batch-size",
 
 
 def _state(model, optimizer):
-    return {k: v.clone() for k, v in unwrap(model).state_dict().items()}, copy.deepcopy(optimizer.state_dict()["state"])
+    """This rank's weights and optimizer state (its FSDP2 pieces under data parallel)."""
+    opt = {i: {k: local(v).clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    return {k: local(v).clone() for k, v in model.state_dict().items()}, opt
 
 
 def _bitwise_equal(a, b) -> bool:
@@ -42,11 +43,11 @@ def _poisoned_main(rank, world, argv, bad_rank, value):
 
     def clip(params, *args):
         if rank == bad_rank and done["steps"] + 1 == BAD_ITER:
-            done["target"].grad.view(-1)[0] = value
+            local(done["target"].grad).view(-1)[0] = value
         return real_clip(params, *args)
 
     def step(model, optimizer, *args):
-        done["target"] = unwrap(model).final_norm.weight  # replicated under TP, CP and DP
+        done["target"] = model.final_norm.weight  # replicated under TP, CP and DP
         before = _state(model, optimizer)
         result = real_step(model, optimizer, *args)
         done["steps"] += 1
@@ -103,7 +104,7 @@ def _poisoned_weight_main(rank, world, argv, bad_rank, at):
         done["steps"] += 1
         if rank == bad_rank and done["steps"] == at:
             with torch.no_grad():
-                unwrap(model).final_norm.weight[0] = math.inf
+                local(model.final_norm.weight)[0] = math.inf
         return result
 
     loop.train_step = step

@@ -21,6 +21,8 @@ STEPS = [
     "--num-query-groups",
     "2",
 ]
+OG = ["--data-parallel-sharding-strategy", "optim_grads"]
+OGP = ["--data-parallel-sharding-strategy", "optim_grads_params"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,17 @@ def assert_same_curve(ref, got):
             "cp2-allgather-recompute",
             2,
             ["--context-parallel-size", "2", "--cp-comm-type", "all_gather", "--recompute-granularity", "full"],
+        ),
+        # Sharded data parallel (FSDP2): every strategy, with and without overlap, at DP2, DP2xTP2,
+        # DP2xCP2 (no_shard without overlap: the cp2-dp2-a2a row; more layouts in test_sharded.py's resumes)
+        ("dp2-noshard-overlap", 2, ["--overlap-grad-reduce"]),
+        ("dp2-optim", 2, ["--use-distributed-optimizer"]),
+        ("dp2-ogp-overlap", 2, [*OGP, "--overlap-grad-reduce", "--overlap-param-gather"]),
+        ("dp2-tp2-sp-og", 4, ["--tensor-parallel-size", "2", "--sequence-parallel", *OG]),
+        (
+            "dp2-cp2-og-overlap",
+            4,
+            ["--context-parallel-size", "2", *OG, "--overlap-grad-reduce", "--overlap-param-gather"],
         ),
     ],
 )
