@@ -51,12 +51,13 @@ def test_bf16_single_rank_tracks_fp32_and_dp_tracks_single_rank(tmp_path, corpus
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, corpus):
-    """Plain DP=1 run of 4 iterations saving at 2 (the reference curve); a DP=4 optim_grads_params
-    run resumed from it at 2, saving at 3 and 4."""
+    """Plain DP=1 run of 4 iterations (the reference curve) and its checkpoint of iteration 2; a
+    DP=4 optim_grads_params run resumed from that, saving at 3 and 4."""
     tmp = tmp_path_factory.mktemp("chain")
     plain, sharded = str(tmp / "plain"), str(tmp / "sharded")
     run = corpus + COMMON + ["--train-iters", "4"]
     ref = train(tmp, "plain", 1, run + ["--save", plain, "--save-interval", "2"])
+    plain = os.path.join(plain, "iter_0000002")
     dp4 = train(tmp, "dp4", 4, run + OGP + ["--load", plain, "--save", sharded, "--save-interval", "1"])
     return ref, dp4, plain, sharded, run
 

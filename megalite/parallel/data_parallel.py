@@ -108,12 +108,20 @@ def apply_dp(model: torch.nn.Module, dims: ParallelDims, cfg: Config, device: to
     return model
 
 
-def grad_sync(model, last: bool) -> None:
+def grad_sync(model, cfg: Config, last: bool) -> None:
     """Before each micro-batch. no_shard (the (d, 1) mesh) all-reduces only after the last one, as
     DDP's no_sync, still accumulating in the reduce dtype (fp32 under --bf16); the sharded
     strategies reduce-scatter every micro-batch, so no rank holds a full gradient between them."""
-    if isinstance(model, FSDPModule) and next(model.parameters()).device_mesh.ndim == 2:
+    if isinstance(model, FSDPModule) and strategy(cfg.parallel) == "no_shard":
         model.set_requires_all_reduce(last)
+
+
+def reshard(model) -> None:
+    """Free gathered parameters a forward without backward (evaluation) left behind, so that the
+    registered parameters are this rank's pieces again (what checkpoints and clipping read)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def is_dp_sharded(p: torch.Tensor) -> bool:

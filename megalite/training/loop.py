@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..config import Config
 from ..generate import eval_sample
-from ..parallel.data_parallel import finish_grads, grad_sync
+from ..parallel.data_parallel import finish_grads, grad_sync, reshard
 from ..parallel.dims import ParallelDims
 from ..parallel.zigzag import zigzag_split
 from . import checkpoint
@@ -118,7 +118,7 @@ def train_step(model, optimizer, batches, dims, cfg, device, exit_requested: boo
     loss_sum = torch.zeros((), device=device)
     for m, batch in enumerate(batches):
         last = m == len(batches) - 1
-        grad_sync(model, last)
+        grad_sync(model, cfg, last)
         with blame(f"forward/backward of micro-batch {m} (TP/CP exchanges, DP x CP gradient reduction)", dims, cfg):
             loss = _forward_loss(model, batch, global_tokens)
             loss.backward()
@@ -149,6 +149,7 @@ def evaluate(model, dataset, dims, cfg, device) -> float:
             num += _forward_loss(model, batch, 1.0)
             den += batch["loss_mask"].sum()
     model.train()
+    reshard(model)
     both = torch.stack([num, den])
     dist.all_reduce(both, group=dims.dp_cp_group)
     return (both[0] / both[1]).item()
@@ -236,6 +237,7 @@ def train(setup: TrainSetup, state: TrainState, logger: MetricsLogger | None) ->
         ):
             with blame("--eval-sample-prompt generation (TP logits all-gather)", dims, cfg):
                 text = eval_sample(model, setup.tokenizer, t.eval_sample_prompt, dims, t.bf16)
+                reshard(model)
             if record:
                 record["sample"] = text
                 print(f"megalite: sample at iteration {state.iteration}: {t.eval_sample_prompt + text!r}", flush=True)
