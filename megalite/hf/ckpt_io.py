@@ -88,7 +88,7 @@ def read_model(ckpt: str) -> tuple[dict, dict[str, torch.Tensor]]:
     reader, out = _Reader(ckpt, meta), {}
     for key, e in meta["tensors"].items():
         if key.startswith("model/"):
-            dense = reader.region(key, torch.Size(e["shape"]), None, 0)
+            dense = reader.region(key, [0] * len(e["shape"]), e["shape"], getattr(torch, e["dtype"]))
             out[key.removeprefix("model/")] = dense[: e["real"]] if "real" in e else dense
     return meta, out
 
