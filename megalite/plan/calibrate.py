@@ -1,21 +1,24 @@
 """`megalite-plan --calibrate OUT.json`: measure this machine and write its hardware file.
 
 Microbenchmarks only (never the training runs the planner is judged on):
-  GEMM at a few sizes            -> rate (peak_tflops, efficiency 1) and per-call latency, by
-                                    least squares on time = latency + flops / rate
+  GEMM at a few sizes            -> rate (peak_tflops, efficiency 1), and an 8 x 8 GEMM's time
+                                    as the fixed cost per call (matmul_latency_us)
   the attention block kernel     -> forward and backward efficiencies against that rate
   a large copy                   -> memory bandwidth
   2 gloo ranks: send/recv, all-reduce, all-gather at a few sizes -> α-β of the link, and how
                                     much of a send hides behind a GEMM (overlap)
-  a started rank's memory        -> process_baseline_gib (peak memory on CPU is the process RSS)
+  the smallest pretrain.py run   -> process_baseline_gib: its peak RSS less the tensor bytes the
+                                    planner predicts for it (peak memory on CPU is the process RSS)
 On CPU the rates are one thread's (torchrun gives each rank one) and ``cpu_cores`` says how many
 run at once; on CUDA they are one GPU's, in bf16.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import resource
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -52,14 +55,16 @@ def _fit(xs, ys) -> tuple[float, float]:
 
 
 def gemm(device, dtype) -> tuple[float, float]:
-    """(FLOP/s, latency s) of square GEMMs."""
-    flops, secs = [], []
+    """(FLOP/s, latency s) of square GEMMs: the latency is an 8 x 8 GEMM's time (a fit's
+    intercept is lost in the noise of the large sizes), the rate the best of the large sizes
+    once the latency is taken off."""
+    tiny = torch.randn(8, 8, device=device, dtype=dtype)
+    latency = _timed(lambda: tiny @ tiny, repeat=50)
+    rate = 0.0
     for n in SIZES:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        flops.append(2 * n**3)
-        secs.append(_timed(lambda a=a, b=b: a @ b))
-    latency, per_flop = _fit(flops, secs)
-    return 1 / per_flop, latency
+        rate = max(rate, 2 * n**3 / max(_timed(lambda a=a, b=b: a @ b) - latency, 1e-9))
+    return rate, latency
 
 
 def attention(device, dtype, rate) -> tuple[float, float]:
@@ -83,21 +88,7 @@ def bandwidth(device) -> float:
     return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x))
 
 
-def _startup():
-    """What a pretrain.py rank holds before its model (the baseline): its modules, the default
-    corpus's tokenizer and memory-mapped tokens."""
-    from ..data.default_corpus import ensure_default_corpus
-    from ..data.indexed import IndexedDataset
-    from ..data.tokenizer import Tokenizer
-    from ..training import main  # noqa: F401
-
-    prefix, tok = ensure_default_corpus(log=lambda *a: None)
-    Tokenizer(tok)
-    IndexedDataset(prefix)
-
-
 def _comm_rank(rank, world, store_path, out_path):
-    _startup()
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
@@ -142,9 +133,8 @@ def _comm_rank(rank, world, store_path, out_path):
             r.wait()
 
     t_gemm, t_comm, t_both = _timed(gemms), _timed(alone), _timed(both)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if rank == 0:
-        torch.save({"rows": rows, "overlap": (t_gemm, t_comm, t_both), "baseline_gib": baseline}, out_path)
+        torch.save({"rows": rows, "overlap": (t_gemm, t_comm, t_both)}, out_path)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -164,7 +154,6 @@ def communication() -> dict:
         "gbps": 1 / min(p2p_per_byte, ar_per_byte) / 1e9,
         "latency_us": max(p2p_lat, ar_lat / 2) * 1e6,
         "overlap": min(max(hidden, 0.0), 1.0),
-        "baseline_gib": res["baseline_gib"],
     }
 
 
@@ -192,7 +181,7 @@ def calibrate(path: str) -> Hardware:
         inter_node_gbps=comm["gbps"],
         inter_node_latency_us=comm["latency_us"],
         overlap=comm["overlap"],
-        process_baseline_gib=0.0 if cuda else comm["baseline_gib"],
+        process_baseline_gib=0.0 if cuda else baseline(),
         cpu_cores=0 if cuda else os.cpu_count(),
         notes=f"measured by megalite-plan --calibrate on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
         f"load average {os.getloadavg()[0]:.1f}; gloo over loopback, so inter-node = intra-node",
@@ -201,6 +190,32 @@ def calibrate(path: str) -> Hardware:
         fh.write(hw.to_json())
     print(f"wrote {path}:\n{hw.to_json()}")
     return hw
+
+
+BASELINE_RUN = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
+                "--micro-batch-size", "1", "--train-iters", "2", "--eval-interval", "0"]  # fmt: skip
+
+
+def baseline() -> float:
+    """GiB a pretrain.py process holds besides its tensors (interpreter, modules, tokenizer, data
+    index, allocator): a one-layer, 32-token run's peak RSS less the planner's tensor bytes."""
+    from .. import config as C
+    from ..data.default_corpus import ensure_default_corpus
+    from ..data.tokenizer import Tokenizer
+    from .options import job_from
+    from .search import predict
+    from .spec import Layout
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c", "from megalite.training.main import cli; cli()", *BASELINE_RUN, "--log-dir", tmp]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"})
+        with open(os.path.join(tmp, "metrics.jsonl")) as fh:
+            rss = max(json.loads(line)["mem_gib"] for line in fh)
+    cfg = C.parse(BASELINE_RUN)
+    cfg.train.global_batch_size = 1
+    vocab = Tokenizer(ensure_default_corpus(log=lambda *a: None)[1]).vocab_size
+    ref = Hardware("ref", 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 0)  # rates are irrelevant to memory
+    return rss - predict(job_from(cfg, vocab), Layout(), ref, 1).mem_gib
 
 
 def _host_memory() -> float:
