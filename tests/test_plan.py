@@ -279,7 +279,8 @@ def _parallel_memory(rank, world, out):
         job = _job(cfg, 300, 1)
         lay = Layout(tp=tp, cp=cp, sp=tp > 1, cp_comm=comm)
         pred = breakdown(job, lay)
-        ddp = 4 * stage_params(job, lay) if cp > 1 else 0  # DDP's buckets: this harness runs without DDP
+        # the DP wrapper's 4 bytes per parameter (DDP's buckets, FSDP2's gathered fp32 weights): none here
+        ddp = 4 * stage_params(job, lay) if cp > 1 else 0
         results[name] = (
             saved,
             pred["activations"],
