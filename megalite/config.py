@@ -87,6 +87,23 @@ class ModelConfig:
         None, "--recompute-granularity", "activation recompute", choices=["full", "selective"]
     )
     use_flash_attn: bool = _f(False, "--use-flash-attn", "require flash-attn (error when missing)")
+    loss_chunk_size: int = _f(
+        1024,
+        "--loss-chunk-size",
+        "tokens per chunk of the fused output layer + cross entropy (0 = plain path: all logits at once)",
+    )
+    mlp_tile_size: int = _f(
+        0, "--mlp-tile-size", "tokens per MLP tile; each tile's intermediates are recomputed in backward (0 = off)"
+    )
+    cpu_offloading: bool = _f(
+        False,
+        "--cpu-offloading",
+        "CUDA: keep the recompute inputs of --cpu-offloading-num-layers layers in pinned host memory "
+        "(needs --recompute-granularity full)",
+    )
+    cpu_offloading_num_layers: int | None = _f(
+        None, "--cpu-offloading-num-layers", "layers offloaded, counted from the first (default: all but the last)"
+    )
 
     @property
     def num_kv_heads(self) -> int:
@@ -468,6 +485,26 @@ def validate(cfg: Config) -> None:
     from .parallel.sharding import validate_sharding
 
     validate_sharding(p)
+    validate_memory(m)
+
+
+def validate_memory(m: ModelConfig) -> None:
+    """Long-context memory flags (the device check for --cpu-offloading is in validate_layout)."""
+    for flag, val in [("--loss-chunk-size", m.loss_chunk_size), ("--mlp-tile-size", m.mlp_tile_size)]:
+        if val < 0:
+            raise ConfigError(f"{flag} must be >= 0, 0 meaning off (got {val})")
+    n = m.cpu_offloading_num_layers
+    if not m.cpu_offloading:
+        if n is not None:
+            raise ConfigError("--cpu-offloading-num-layers given without --cpu-offloading; add the flag")
+        return
+    if m.recompute_granularity != "full":
+        raise ConfigError(
+            "--cpu-offloading moves the inputs that full activation recompute keeps per layer to host "
+            "memory: add --recompute-granularity full"
+        )
+    if n is not None and not 1 <= n <= m.num_layers:
+        raise ConfigError(f"--cpu-offloading-num-layers must be between 1 and --num-layers {m.num_layers} (got {n})")
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

@@ -16,6 +16,13 @@ and no others (each replacement keeps the call signature of what it replaces):
 - each block's ``attention.core_attention``: any module (q, k, v, document_ids=None) -> (b, s, h, d),
   q/k/v (b, s, heads, d), document_ids None or (b, s) in the same layout as the tokens;
 - ``loss_fn(logits [s, b, V_local], labels [s, b]) -> [s, b]``;
+- ``fused_loss_fn(hidden [s, b, h], weight, labels [s, b], loss_mask [s, b], chunk_size, *,
+  vocab_start, vocab_size) -> masked loss sum`` (megalite.ops.fused_loss's signature): the output
+  layer and loss tiled over tokens, used when a loss mask is given and --loss-chunk-size > 0;
+- ``mlp.fc2.finish(y)``: what fc2 does after its matmul (bias add; under TP also the reduction),
+  so a sequence-tiled MLP runs the matmul per tile and finishes once;
+- ``offloader``: None, or a megalite.ops.offload.Offloader moving recomputed layers' inputs to
+  host memory;
 - ``vocab_start``: the global vocabulary id of this rank's first logit column (0 unless the
   output layer is split over the vocabulary);
 - ``pad_vocab_to(multiple)``, called before sharding the vocabulary;
@@ -37,8 +44,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, padded_vocab_size
 from .ops.attention import causal_attention
+from .ops.fused_loss import fused_linear_cross_entropy
 from .ops.norm import build_norm
 from .rope import inv_frequencies, plain_inv_frequencies
+from .ops.offload import CudaMover, Offloader, offloaded_checkpoint, offloaded_layers
 
 
 def rope_tables(position_ids, dim: int, base: float, inv_freq=None):
@@ -106,18 +115,49 @@ class Attention(nn.Module):
         return self.proj(out)
 
 
+class FinishedLinear(nn.Linear):
+    """nn.Linear whose output step is separate: forward(x) = finish(x @ W^T). A sequence-tiled MLP
+    runs the matmul tile by tile and ``finish`` (here the bias add) once on the joined tiles."""
+
+    def forward(self, x):
+        return self.finish(F.linear(x, self.weight))
+
+    def finish(self, y):
+        return y if self.bias is None else y + self.bias
+
+
 class MLP(nn.Module):
+    """With ``tile_size`` (--mlp-tile-size) the sequence is cut into tiles of that many tokens;
+    each tile's intermediates ([tile, b, ffn] x 3-4) are dropped after its fc2 matmul and
+    recomputed in backward, so only the input stays saved."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         ffn, bias = cfg.ffn_size, cfg.add_bias_linear
         self.fc1 = nn.Linear(cfg.hidden_size, ffn, bias=bias)
         self.gate = nn.Linear(cfg.hidden_size, ffn, bias=bias) if cfg.swiglu else None
-        self.fc2 = nn.Linear(ffn, cfg.hidden_size, bias=bias)
+        self.fc2 = FinishedLinear(ffn, cfg.hidden_size, bias=bias)
+        self.tile_size = cfg.mlp_tile_size
+
+    def _activation(self, x):
+        if self.gate is not None:
+            return F.silu(self.gate(x)) * self.fc1(x)
+        return F.gelu(self.fc1(x), approximate="tanh")
+
+    def _unfinished(self, x):  # one tile: [t, b, h] -> fc2's matmul, before its bias / reduction
+        return F.linear(self._activation(x), self.fc2.weight)
 
     def forward(self, x):
-        if self.gate is not None:
-            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        if not self.tile_size or x.shape[0] <= self.tile_size:
+            return self.fc2(self._activation(x))
+        if torch.is_grad_enabled():
+            tiles = [
+                checkpoint(self._unfinished, t, use_reentrant=False, preserve_rng_state=False)
+                for t in x.split(self.tile_size)
+            ]
+        else:
+            tiles = [self._unfinished(t) for t in x.split(self.tile_size)]
+        return self.fc2.finish(torch.cat(tiles))  # [s, b, h]
 
 
 class Block(nn.Module):
@@ -173,7 +213,10 @@ class GPT(nn.Module):
         if not cfg.untie_embeddings_and_output_weights:
             self.output_layer.weight = self.embedding.word.weight
         self.loss_fn = vocab_cross_entropy
+        self.fused_loss_fn = fused_linear_cross_entropy
+        self.loss_chunk_size = cfg.loss_chunk_size
         self.vocab_start = 0
+        self.offloader = Offloader(offloaded_layers(cfg), CudaMover()) if cfg.cpu_offloading else None
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -220,8 +263,10 @@ class GPT(nn.Module):
         cols = torch.arange(self.vocab_start, self.vocab_start + logits.shape[-1], device=logits.device)
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
 
-    def forward(self, tokens, position_ids, labels=None, document_ids=None):
-        """tokens, position_ids, labels: [b, s]. Returns per-token loss [b, s] (fp32), or logits
+    def forward(self, tokens, position_ids, labels=None, document_ids=None, loss_mask=None):
+        """tokens, position_ids, labels, loss_mask: [b, s]. Returns with labels and loss_mask the
+        masked loss sum sum(loss * loss_mask) (fp32 scalar; the tiled output layer + loss when
+        loss_chunk_size > 0), with labels only the per-token loss [b, s] (fp32), else logits
         [b, s, V_local]: under TP this rank's vocabulary shard, from column vocab_start.
         document_ids: None (one causal sequence), or [b, s] integers in the layout of ``tokens``,
         non-decreasing along the full sequence: a token attends only within its document."""
@@ -230,15 +275,29 @@ class GPT(nn.Module):
         if self.cfg.position_embedding_type == "rope":
             inv_freq = inv_frequencies(self.cfg, position_ids.device)
             rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rotary_base, inv_freq)
-        for layer in self.layers:
-            if self.full_recompute and self.training:
+        for i, layer in enumerate(self.layers):
+            if self.full_recompute and self.training and self.offloader and i in self.offloader.layers:
+                x = offloaded_checkpoint(layer, x, rope, document_ids, self.offloader, i)
+            elif self.full_recompute and self.training:
                 x = checkpoint(layer, x, rope, document_ids, use_reentrant=False)
             else:
                 x = layer(x, rope, document_ids)
-        logits = self._mask_padding(self.output_layer(self.final_norm(x)))  # [s, b, V_local]
+        x = self.final_norm(x)
+        if labels is not None and loss_mask is not None and self.loss_chunk_size:
+            return self.fused_loss_fn(
+                x,
+                self.output_layer.weight,
+                labels.t(),
+                loss_mask.t(),
+                self.loss_chunk_size,
+                vocab_start=self.vocab_start,
+                vocab_size=self.vocab_size,
+            )
+        logits = self._mask_padding(self.output_layer(x))  # [s, b, V_local]
         if labels is None:
             return logits.transpose(0, 1)
-        return self.loss_fn(logits, labels.t()).t()
+        loss = self.loss_fn(logits, labels.t()).t()
+        return loss if loss_mask is None else (loss * loss_mask).sum()
 
     def num_params(self, matmul_only: bool = False) -> int:
         """Parameter count, a tied embedding/output matrix once. ``matmul_only``: just the weights

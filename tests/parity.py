@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalite.config import ModelConfig
+from megalite.parallel.zigzag import zigzag_split
 
 # ---- attention: full-sequence inputs and a float64 reference ----
 
@@ -91,3 +92,25 @@ def gather_shards(local, dense_shape, group):
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=diff[0])
+
+
+def masked_loss(model, batches, cp=1, cp_rank=0):
+    """Backward of sum(loss * mask) / tokens over micro-batches through the model's masked-loss
+    path (the token-tiled output layer + loss unless loss_chunk_size is 0), each rank seeing its
+    zigzag shard; returns this rank's share of the loss."""
+    model.train()
+    total = sum(m.sum() for *_, m in batches)
+    loss = 0.0
+    for batch in batches:
+        tokens, pos, labels, mask = (zigzag_split(t, 1, cp, cp_rank) for t in batch)
+        part = model(tokens, pos, labels, mask) / total
+        part.backward()
+        loss += part.detach()
+    return loss
+
+
+def assert_rel(got, want, rel=1e-6, msg=""):
+    """Every element within ``rel`` of the tensor's largest magnitude."""
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= rel * scale, f"{msg}: max error {err:.3g} > {rel} x {scale:.3g}"

@@ -6,7 +6,8 @@ normalises by the global number of loss tokens, sums gradients over the CP group
 loop's DP x CP reduction does) and compares. One spawn of 4 ranks covers CP=4 and CP=2 (two
 independent pairs) for every --cp-comm-type on two model variants (GQA + RoPE + SwiGLU +
 selective recompute; MHA + learned absolute positions + full recompute), the TP=2 x CP=2 grid
-with sequence parallel, and bf16 autocast.
+with sequence parallel, and bf16 autocast; and, at CP=4 and CP=2, the token-tiled loss with the
+sequence-tiled MLP against the dense plain path.
 """
 
 import copy
@@ -14,7 +15,7 @@ import copy
 import torch
 import torch.distributed as dist
 from multiproc import run_ranks
-from parity import VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
+from parity import VARIANTS, VOCAB, assert_rel, gather_shards, make_batches, masked_loss, model_cfg
 from torch.testing import assert_close
 
 from megalite.config import ParallelConfig
@@ -74,6 +75,20 @@ def _check(kw, cp_group, comm, tp_group=None, sp=False, bf16=False):
         assert_close(full[: ref.shape[0]], ref.grad, **tol, msg=f"{tag} {name}")
 
 
+def _check_tiled(kw, cp_group):
+    """The token-tiled loss and the sequence-tiled MLP on zigzag shards equal the dense plain path."""
+    cp, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    batches = make_batches(2)
+    dense = GPT(model_cfg(**kw, loss_chunk_size=0), VOCAB, seed=11)
+    want = masked_loss(dense, batches)
+    model = apply_cp(GPT(model_cfg(**kw, loss_chunk_size=3, mlp_tile_size=3), VOCAB, seed=11), cp_group)
+    tag = f"tiled cp={cp} {kw}"
+    assert_rel(_sum_over(cp_group, model, masked_loss(model, batches, cp, cp_rank)), want, msg=tag)
+    dense_params = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        assert_rel(p.grad, dense_params[name].grad, msg=f"{tag} {name}")
+
+
 def _model_checks(rank, world):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank joins both calls
     torch.set_default_dtype(torch.float64)  # exact parity; this spawned process only
@@ -81,6 +96,8 @@ def _model_checks(rank, world):
         for comm in ("p2p", "all_gather", "a2a"):
             for kw in VARIANTS:
                 _check(kw, cp_group, comm)
+        for kw in VARIANTS:
+            _check_tiled(kw, cp_group)
     dims = ParallelDims.build(ParallelConfig(tensor_parallel_size=2, context_parallel_size=2, sequence_parallel=True))
     for comm in ("p2p", "a2a"):
         for kw in VARIANTS:

@@ -4,7 +4,8 @@ One spawn of 4 gloo ranks checks TP=4 and TP=2 (two independent pairs), each wit
 without sequence parallel, on model variants covering GQA + SwiGLU + RMSNorm + biases (tied
 embeddings, RoPE) and MHA + GELU + LayerNorm + learned positions (untied), with full and
 selective recompute. Two micro-batches are accumulated, so the sequence-parallel gradient
-hooks must keep sum semantics.
+hooks must keep sum semantics. The same spawn checks the token-tiled vocabulary-parallel loss
+and the sequence-tiled MLP against the dense plain path.
 """
 
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_ranks
-from parity import BATCH, SEQ, VARIANTS, VOCAB, gather_shards, make_batches, model_cfg
+from parity import BATCH, SEQ, VARIANTS, VOCAB, assert_rel, gather_shards, make_batches, masked_loss, model_cfg
 from torch.testing import assert_close
 
 from megalite.config import ConfigError
@@ -108,6 +109,22 @@ def _check_one(kw, group, sp):
     assert torch.isinf(logits[..., VOCAB:]).all(), "padded vocabulary must never be predicted"
 
 
+def _check_tiled(kw, group, sp):
+    """The token-tiled vocabulary-parallel loss (chunks of 5 tokens; at TP=4 one rank's vocabulary
+    shard is all padding) and the sequence-tiled MLP (tiles of 3) equal the dense plain path."""
+    batches = make_batches(2)
+    dense = GPT(model_cfg(**kw, loss_chunk_size=0), VOCAB, seed=11)
+    want = masked_loss(dense, batches)
+    model = apply_tp(GPT(model_cfg(**kw, loss_chunk_size=5, mlp_tile_size=3), VOCAB, seed=11), group, sp)
+    tag = f"tiled tp={dist.get_world_size(group)} sp={sp} {kw}"
+    assert_rel(masked_loss(model, batches), want, msg=tag)
+    dense_params = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        ref = dense_params[name]
+        full = gather_shards(p.grad, ref.shape, group)
+        assert_rel(full[: ref.shape[0]], ref.grad, msg=f"{tag} {name}")
+
+
 def _model_checks(rank, world):
     torch.set_default_dtype(torch.float64)  # exact parity; this spawned process only
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank joins both calls
@@ -116,6 +133,7 @@ def _model_checks(rank, world):
         for sp in (False, True):
             for kw in VARIANTS:
                 _check_one(kw, group, sp)
+                _check_tiled(kw, group, sp)
 
 
 def test_tp_model_matches_single_rank(tmp_path):

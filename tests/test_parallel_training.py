@@ -1,5 +1,7 @@
 """pretrain.py's loss curve under TP, SP, CP and their combination equals one rank's (fp32, 1e-5),
-also on packed documents of random lengths with Megatron's document flags on."""
+also on packed documents of random lengths with Megatron's document flags on. The reference
+materialises all logits (--loss-chunk-size 0); the other runs use the token-tiled output layer +
+loss (one chunk by default here, several in the tiled rows, with a tiled MLP)."""
 
 import numpy as np
 import pytest
@@ -24,10 +26,12 @@ STEPS = [
 OG = ["--data-parallel-sharding-strategy", "optim_grads"]
 OGP = ["--data-parallel-sharding-strategy", "optim_grads_params"]
 
+TILED = ["--loss-chunk-size", "24", "--mlp-tile-size", "12"]  # 64 tokens a micro-batch: ragged chunks and tiles
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
-    return train(tmp_path_factory.mktemp("ref"), "one", 1, corpus + STEPS)
+    return train(tmp_path_factory.mktemp("ref"), "one", 1, corpus + STEPS + ["--loss-chunk-size", "0"])
 
 
 def assert_same_curve(ref, got):
@@ -45,6 +49,8 @@ def assert_same_curve(ref, got):
         ("cp2", 2, ["--context-parallel-size", "2"]),
         ("tp2-cp2-sp", 4, ["--tensor-parallel-size", "2", "--context-parallel-size", "2", "--sequence-parallel"]),
         ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
+        ("tp2-sp-tiled", 2, ["--tensor-parallel-size", "2", "--sequence-parallel", *TILED]),
+        ("cp2-tiled-recompute", 2, ["--context-parallel-size", "2", "--recompute-granularity", "full", *TILED]),
         (
             "cp2-allgather-recompute",
             2,

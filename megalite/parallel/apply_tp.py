@@ -5,13 +5,15 @@ What changes on each rank of a TP group of size p (Megatron-LM's layout):
 - ``embedding.word`` -> VocabParallelEmbedding (vocabulary padded to a multiple of
   --make-vocab-size-divisible-by x p first); ``output_layer`` -> ColumnParallelLinear over the
   vocabulary, still tied to the embedding unless untied; ``model.vocab_start`` set so the model
-  masks padded columns; ``loss_fn`` -> vocab_parallel_cross_entropy (full logits never exist).
+  masks padded columns; ``loss_fn`` -> vocab_parallel_cross_entropy (full logits never exist) and
+  ``fused_loss_fn`` -> its token-tiled form, vocab_parallel_fused_linear_cross_entropy.
 - attention ``qkv`` and MLP ``fc1`` / ``gate`` -> ColumnParallelLinear; ``proj`` and ``fc2`` ->
   RowParallelLinear. The qkv rows are grouped per query group, so a contiguous row block holds
   whole groups, and the model reads its local head count from the weight's shape (nothing to
-  edit). SwiGLU's gate and fc1 share one input collective (a forward pre-hook on the MLP), so a
-  layer communicates exactly Megatron's four all-reduces (or their all-gather/reduce-scatter
-  halves under SP).
+  edit). The MLP's input collective runs once, in a forward pre-hook (shared by SwiGLU's gate and
+  fc1, and ahead of any --mlp-tile-size tiling, which then splits only local work), so a layer
+  communicates exactly Megatron's four all-reduces (or their all-gather/reduce-scatter halves
+  under SP).
 
 These are the seams model.py's docstring lists; apply_tp touches nothing else on the model.
 
@@ -51,6 +53,7 @@ from .tensor_parallel import (
     split_dim,
     vocab_parallel_cross_entropy,
 )
+from .vocab_parallel_loss import vocab_parallel_fused_linear_cross_entropy
 
 
 def validate_tp(model_cfg: ModelConfig, tp: int, sequence_parallel: bool, cp: int = 1) -> None:
@@ -81,7 +84,7 @@ def validate_tp(model_cfg: ModelConfig, tp: int, sequence_parallel: bool, cp: in
 
 
 def _enter_mlp(module, args, *, group, sequence_parallel):
-    """Forward pre-hook of a SwiGLU MLP: one input collective shared by gate and fc1."""
+    """Forward pre-hook of the MLP: its one input collective (shared by SwiGLU's gate and fc1)."""
     return (enter_region(args[0], group, sequence_parallel), *args[1:])
 
 
@@ -106,11 +109,10 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
         if attn.core_attention.dropout > 0:
             attn.core_attention = PerRankDropoutAttention(attn.core_attention, dist.get_rank(tp_group))
         mlp.fc2 = row(mlp.fc2)
-        if mlp.gate is None:
-            mlp.fc1 = column(mlp.fc1)
-        else:  # SwiGLU: gate and fc1 read one input; enter the TP region once for both
-            mlp.gate, mlp.fc1 = column(mlp.gate, skip_input_comm=True), column(mlp.fc1, skip_input_comm=True)
-            mlp.register_forward_pre_hook(functools.partial(_enter_mlp, group=tp_group, sequence_parallel=sp))
+        mlp.fc1 = column(mlp.fc1, skip_input_comm=True)
+        if mlp.gate is not None:  # SwiGLU: gate and fc1 read one input
+            mlp.gate = column(mlp.gate, skip_input_comm=True)
+        mlp.register_forward_pre_hook(functools.partial(_enter_mlp, group=tp_group, sequence_parallel=sp))
 
     out = column(model.output_layer)
     if tied:
@@ -118,6 +120,9 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool) -> nn.Module:
     model.output_layer = out
     model.vocab_start = emb.word.vocab_start  # the model masks global columns >= vocab_size
     model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=tp_group)
+    model.fused_loss_fn = functools.partial(
+        vocab_parallel_fused_linear_cross_entropy, group=tp_group, sequence_parallel=sp
+    )
 
     if sp:
         position = emb.position.weight if emb.position is not None else None

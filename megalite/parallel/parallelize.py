@@ -15,6 +15,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..ops.attention import fused_kernel_fits
+from ..ops.offload import validate_offload
 from .apply_cp import apply_cp, validate_cp
 from .apply_tp import apply_tp, validate_tp
 from .data_parallel import apply_dp
@@ -29,6 +30,7 @@ def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
             "--use-flash-attn needs a CUDA device (flash-attn has no CPU kernels); "
             "drop the flag to run torch's CPU attention kernels"
         )
+    validate_offload(cfg.model, on_cuda)
     validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel, cp=dims_cp)
     if dims_cp > 1:
         validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp)

@@ -226,7 +226,11 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_last_dim(x, self.group)
-        y = F.linear(x, self.weight)
+        return self.finish(F.linear(x, self.weight))
+
+    def finish(self, y):
+        """After the matmul: sum the partial outputs over ranks, add the bias (model.py's
+        FinishedLinear seam: a sequence-tiled MLP runs the matmul per tile, this once)."""
         y = (
             reduce_scatter_along_sequence(y, self.group)
             if self.sequence_parallel

@@ -97,9 +97,12 @@ def blame(op: str, dims, cfg):
 
 
 def _forward_loss(model, batch, global_tokens):
-    # per-token loss in fp32, also under --bf16
-    per_token = model(batch["tokens"], batch["position_ids"], batch["labels"], batch.get("document_ids"))
-    return (per_token * batch["loss_mask"]).sum() / global_tokens
+    # the masked loss sum in fp32, also under --bf16; the output layer + loss run tiled over
+    # tokens (--loss-chunk-size)
+    loss_sum = model(
+        batch["tokens"], batch["position_ids"], batch["labels"], batch.get("document_ids"), loss_mask=batch["loss_mask"]
+    )
+    return loss_sum / global_tokens
 
 
 def _global_tokens(batches, dims, device):
