@@ -68,15 +68,16 @@ def chunked_loss_and_grads(
         losses[a : a + chunk_size] = (sum_exp.log() - picked).masked_fill(ignored, 0.0)
         if not need_grad:
             continue
-        # d loss_n / d logits = softmax - onehot(target), scaled by the token's weight.
-        probs /= sum_exp.unsqueeze(-1)
-        probs.scatter_add_(-1, target.unsqueeze(-1), -mine.to(acc).unsqueeze(-1))
+        # d loss_n / d logits = softmax - onehot(target), scaled by the token's weight; in place,
+        # so the chunk's fp32 logits buffer is the only one.
         scale = token_weight[a : a + chunk_size].to(acc).masked_fill(ignored, 0.0)
-        d = (probs * scale.unsqueeze(-1)).to(cdt)  # [c, V_local]
+        probs *= (scale / sum_exp).unsqueeze(-1)
+        probs.scatter_add_(-1, target.unsqueeze(-1), -(mine.to(acc) * scale).unsqueeze(-1))
+        d = probs.to(cdt)  # [c, V_local]
         del probs, logits
-        grad_h[a : a + chunk_size] = (d @ w_c).to(hidden.dtype)
+        grad_h[a : a + chunk_size] = d @ w_c
         for r in range(0, v_local, rows):
-            grad_w[r : r + rows] += (d[:, r : r + rows].t() @ h).to(acc)
+            grad_w[r : r + rows].add_(d[:, r : r + rows].t() @ h)  # fp32 += compute-dtype product
     return losses, grad_h, grad_w
 
 
@@ -84,19 +85,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """forward: sum_n w_n loss_n, computing both gradients on the way / backward: scale them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weight, chunk_size, vocab_start, vocab_size, reduce_max, reduce_sum):
-        losses, grad_h, grad_w = chunked_loss_and_grads(
-            hidden,
-            weight,
-            labels,
-            token_weight,
-            chunk_size,
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
-            reduce_max=reduce_max,
-            reduce_sum=reduce_sum,
-            need_grad=True,
-        )
+    def forward(ctx, hidden, weight, labels, token_weight, options):
+        losses, grad_h, grad_w = chunked_loss_and_grads(hidden, weight, labels, token_weight, need_grad=True, **options)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return (losses * token_weight.to(losses.dtype)).sum()
@@ -106,7 +96,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         g_h = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         g_w = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return g_h, g_w, None, None, None, None, None, None, None
+        return g_h, g_w, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -127,21 +117,14 @@ def fused_linear_cross_entropy(
     only the losses are computed."""
     h = hidden.reshape(-1, hidden.shape[-1])
     labels, token_weight = labels.reshape(-1), token_weight.reshape(-1)
-    vocab_size = vocab_start + weight.shape[0] if vocab_size is None else vocab_size
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(
-            h, weight, labels, token_weight, chunk_size, vocab_start, vocab_size, reduce_max, reduce_sum
-        )
-    losses, _, _ = chunked_loss_and_grads(
-        h,
-        weight,
-        labels,
-        token_weight,
-        chunk_size,
+    options = dict(
+        chunk_size=chunk_size,
         vocab_start=vocab_start,
-        vocab_size=vocab_size,
+        vocab_size=vocab_start + weight.shape[0] if vocab_size is None else vocab_size,
         reduce_max=reduce_max,
         reduce_sum=reduce_sum,
-        need_grad=False,
     )
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(h, weight, labels, token_weight, options)
+    losses, _, _ = chunked_loss_and_grads(h, weight, labels, token_weight, need_grad=False, **options)
     return (losses * token_weight.to(losses.dtype)).sum()
