@@ -8,9 +8,9 @@ CP rank holds; the ring's in-flight K/V blocks (2 x [seq/4, 8 heads, 128] bf16 e
 counted.
 
 Memory method: the real megalite code runs on fake tensors (torch's FakeTensorMode: shapes and
-dtypes, no data, no compute) under a dispatch mode that adds each new tensor storage's bytes when
-an op creates it and subtracts them when the storage is freed, so the figures are the bytes the
-allocator is asked for (no fragmentation, no library workspaces). ``--validate`` runs the same
+dtypes, no data, no compute) under megalite.plan.live_bytes, a dispatch mode that adds each new
+tensor storage's bytes when an op creates it and subtracts them when the storage is freed, so the
+figures are the bytes the allocator is asked for (no fragmentation, no library workspaces). ``--validate`` runs the same
 accounting on real tensors for a small shape and compares it with fake tensors and with the
 process's ru_maxrss growth (a fresh subprocess per mode). Measured per configuration:
 
@@ -38,15 +38,13 @@ import resource
 import subprocess
 import sys
 import time
-import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from megalite.config import ModelConfig
 from megalite.model import GPT
+from megalite.plan.live_bytes import LiveBytes
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GIB = 2**30
@@ -73,38 +71,6 @@ MODES = {
     "fused loss": dict(loss_chunk_size=1024),
     "fused loss + tiled MLP": dict(loss_chunk_size=1024, mlp_tile_size=2048),
 }
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storages created under this mode and still alive; ``peak`` since ``reset``."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes = {}
-
-    def reset(self):
-        self.peak = self.live
-
-    def _track(self, t):
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._sizes:
-            return
-        self._sizes[key] = storage.nbytes()
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key):
-        self.live -= self._sizes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
 
 
 def build(shape, vocab, mode, seq):

@@ -116,14 +116,12 @@ class Attention(nn.Module):
 
 
 class FinishedLinear(nn.Linear):
-    """nn.Linear whose output step is separate: forward(x) = finish(x @ W^T). A sequence-tiled MLP
-    runs the matmul tile by tile and ``finish`` (here the bias add) once on the joined tiles."""
-
-    def forward(self, x):
-        return self.finish(F.linear(x, self.weight))
+    """nn.Linear with its output step on its own: forward(x) = finish(x @ W^T) up to rounding. A
+    sequence-tiled MLP runs the matmul tile by tile and ``finish`` (here the bias add, in the
+    matmul's dtype as autocast would) once on the joined tiles."""
 
     def finish(self, y):
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class MLP(nn.Module):
@@ -282,10 +280,9 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, rope, document_ids, use_reentrant=False)
             else:
                 x = layer(x, rope, document_ids)
-        x = self.final_norm(x)
         if labels is not None and loss_mask is not None and self.loss_chunk_size:
             return self.fused_loss_fn(
-                x,
+                self.final_norm(x),
                 self.output_layer.weight,
                 labels.t(),
                 loss_mask.t(),
@@ -293,7 +290,8 @@ class GPT(nn.Module):
                 vocab_start=self.vocab_start,
                 vocab_size=self.vocab_size,
             )
-        logits = self._mask_padding(self.output_layer(x))  # [s, b, V_local]
+        # the norm's output is a temporary: under autocast the output layer keeps only its bf16 cast
+        logits = self._mask_padding(self.output_layer(self.final_norm(x)))  # [s, b, V_local]
         if labels is None:
             return logits.transpose(0, 1)
         loss = self.loss_fn(logits, labels.t()).t()

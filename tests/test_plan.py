@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from plan_measure import LiveBytes, storage_bytes
+from plan_measure import storage_bytes
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,6 +15,7 @@ from megalite import config as C
 from megalite.model import GPT
 from megalite.plan import cli, hardware, published
 from megalite.plan.flops import attention_flops, step_model_flops
+from megalite.plan.live_bytes import LiveBytes
 from megalite.plan.memory import breakdown
 from megalite.plan.options import job_from
 from megalite.plan.search import layouts, predict
@@ -100,8 +101,7 @@ def test_memory_equals_measured_tensor_bytes(case):
     positions = torch.arange(cfg.seq_length).expand(batch, -1)
     for _ in range(2):  # the second step runs with optimizer state allocated and gradients freed
         with LiveBytes() as live:
-            for p in model.parameters():  # weights existed before; not new storage
-                live.live[p.untyped_storage().data_ptr()] = 0
+            live.ignore(model.parameters())  # weights existed before; not new storage
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(tokens, positions, tokens).mean()
             saved = live.now
