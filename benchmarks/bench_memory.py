@@ -80,7 +80,7 @@ def build(shape, vocab, mode, seq):
 
 def inputs(vocab, seq):
     tokens = torch.randint(0, vocab, (1, seq))
-    return tokens, torch.arange(seq)[None], tokens, torch.ones(1, seq)
+    return dict(tokens=tokens, position_ids=torch.arange(seq)[None], labels=tokens, loss_mask=torch.ones(1, seq))
 
 
 def measure(shape, vocab, mode, seq):
@@ -91,14 +91,14 @@ def measure(shape, vocab, mode, seq):
     batch = inputs(vocab, seq)
     with LiveBytes() as live:
         with autocast:
-            loss = model(*batch)
+            loss = model(**batch)
         loss.backward()
         step_peak = live.peak
     model.zero_grad(set_to_none=True)
 
     # the loss path alone, on hidden states [seq, 1, h] as the final norm leaves them
     hidden = torch.randn(seq, 1, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    labels, mask = batch[2].t(), batch[3].t()
+    labels, mask = batch["labels"].t(), batch["loss_mask"].t()
     with LiveBytes() as live:
         with autocast:
             if cfg.loss_chunk_size:
@@ -164,7 +164,7 @@ def _validate_child(mode, seq):
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with LiveBytes() as live:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(*batch)
+            loss = model(**batch)
         loss.backward()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     with FakeTensorMode():
@@ -172,7 +172,7 @@ def _validate_child(mode, seq):
         fake_batch = inputs(SCALED_VOCAB, seq)
         with LiveBytes() as fake_live:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                fake_loss = fake_model(*fake_batch)
+                fake_loss = fake_model(**fake_batch)
             fake_loss.backward()
     print(json.dumps(dict(real_gib=live.peak / GIB, fake_gib=fake_live.peak / GIB, rss_growth_gib=rss / 2**20)))
 
@@ -197,7 +197,7 @@ def step_times(seq=2048, repeats=5):
         for mode, model in models.items():
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(*batch)
+                loss = model(**batch)
             loss.backward()
             model.zero_grad(set_to_none=True)
             if r:

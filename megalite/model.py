@@ -46,8 +46,8 @@ from .config import ModelConfig, padded_vocab_size
 from .ops.attention import causal_attention
 from .ops.fused_loss import fused_linear_cross_entropy
 from .ops.norm import build_norm
-from .rope import inv_frequencies, plain_inv_frequencies
 from .ops.offload import CudaMover, Offloader, offloaded_checkpoint, offloaded_layers
+from .rope import inv_frequencies, plain_inv_frequencies
 
 
 def rope_tables(position_ids, dim: int, base: float, inv_freq=None):

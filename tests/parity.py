@@ -103,7 +103,7 @@ def masked_loss(model, batches, cp=1, cp_rank=0):
     loss = 0.0
     for batch in batches:
         tokens, pos, labels, mask = (zigzag_split(t, 1, cp, cp_rank) for t in batch)
-        part = model(tokens, pos, labels, mask) / total
+        part = model(tokens, pos, labels, loss_mask=mask) / total
         part.backward()
         loss += part.detach()
     return loss

@@ -81,7 +81,7 @@ def test_model_with_fused_loss_and_tiled_mlp_equals_plain(kw):
     with torch.no_grad():
         tokens, pos, labels, mask = batches[0]
         per_token = GPT(model_cfg(**kw, loss_chunk_size=0), VOCAB, seed=3).eval()(tokens, pos, labels)
-        assert_rel(model(tokens, pos, labels, mask), (per_token * mask).sum(), msg="eval")
+        assert_rel(model(tokens, pos, labels, loss_mask=mask), (per_token * mask).sum(), msg="eval")
 
 
 @pytest.mark.parametrize("swiglu", [True, False])

@@ -93,7 +93,9 @@ def test_memory_equals_measured_tensor_bytes(case):
     """Weights, gradients and AdamW state from their storage; saved activations (checkpointed
     inputs included) and the peak from every storage ops create while a step runs."""
     kw, bf16 = MEMORY_CASES[case]
-    cfg = C.ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=96, norm_impl="torch", **kw)
+    cfg = C.ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=96, norm_impl="torch", loss_chunk_size=0, **kw
+    )  # the plain loss: the model is called for per-token losses
     vocab, batch = 300, 2
     model = GPT(cfg, vocab)
     optimizer = build_optimizer(model, C.TrainConfig())
@@ -260,7 +262,9 @@ def _parallel_memory(rank, world, out):
     for name, tp, cp, comm in [("TP2+SP", 2, 1, "p2p"), ("CP2 p2p", 1, 2, "p2p"), ("CP2 a2a", 1, 2, "a2a")]:
         dims = ParallelDims.build(C.ParallelConfig(tensor_parallel_size=tp, context_parallel_size=cp,
                                                    sequence_parallel=tp > 1))  # fmt: skip
-        cfg = C.ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=512, norm_impl="torch")
+        cfg = C.ModelConfig(
+            num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=512, norm_impl="torch", loss_chunk_size=0
+        )  # the plain loss: the model is called for per-token losses
         model = GPT(cfg, 300)
         if tp > 1:
             apply_tp(model, dims.tp_group, True)
@@ -271,8 +275,7 @@ def _parallel_memory(rank, world, out):
         if cp > 1:
             tokens, positions = (zigzag_split(t, 1, cp, dims.cp_rank) for t in (tokens, positions))
         with LiveBytes() as live:
-            for p in model.parameters():
-                live.live[p.untyped_storage().data_ptr()] = 0
+            live.ignore(model.parameters())  # weights existed before; not new storage
             loss = model(tokens, positions, tokens).mean()
             saved = live.now
             loss.backward()

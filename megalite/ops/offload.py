@@ -106,20 +106,21 @@ def _rng_state(device):
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, offloader, index, x, *rope):
+    def forward(ctx, layer, offloader, index, x, document_ids, *rope):
         ctx.layer, ctx.offloader, ctx.index = layer, offloader, index
         dev = x.device.type
         ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         ctx.rng = _rng_state(x.device)
-        ctx.save_for_backward(*rope)
+        ctx.save_for_backward(document_ids, *rope)
         offloader.save(index, x)  # the copy overlaps this layer's forward
         with torch.no_grad():
-            return layer(x, rope or None)
+            return layer(x, rope or None, document_ids)
 
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.offloader.load(ctx.index).detach().requires_grad_()
-        rope = tuple(ctx.saved_tensors) or None
+        document_ids, *rope = ctx.saved_tensors
+        rope = tuple(rope) or None
         dev, dtype, enabled = ctx.autocast
         cpu_rng, cuda_rng = ctx.rng
         with torch.random.fork_rng(devices=[x.device] if cuda_rng is not None else []):
@@ -127,11 +128,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, x.device)
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                out = ctx.layer(x, rope)
+                out = ctx.layer(x, rope, document_ids)
         torch.autograd.backward(out, grad_out)
-        return None, None, None, x.grad, *([None] * len(ctx.saved_tensors))
+        return None, None, None, x.grad, None, *([None] * (len(ctx.saved_tensors) - 1))
 
 
-def offloaded_checkpoint(layer, x, rope, offloader: Offloader, index: int):
-    """``layer(x, rope)`` whose input waits in host memory (via ``offloader``) until backward."""
-    return _OffloadedCheckpoint.apply(layer, offloader, index, x, *(rope or ()))
+def offloaded_checkpoint(layer, x, rope, document_ids, offloader: Offloader, index: int):
+    """``layer(x, rope, document_ids)`` whose input waits in host memory (via ``offloader``) until backward."""
+    return _OffloadedCheckpoint.apply(layer, offloader, index, x, document_ids, *(rope or ()))
