@@ -132,7 +132,15 @@ class ParallelConfig:
     tensor_parallel_size: int = _f(1, "--tensor-parallel-size", "TP group size")
     context_parallel_size: int = _f(1, "--context-parallel-size", "CP group size")
     sequence_parallel: bool = _f(False, "--sequence-parallel", "Megatron sequence parallel (needs TP > 1)")
-    cp_comm_type: str = _f("p2p", "--cp-comm-type", "context-parallel attention", choices=["p2p", "all_gather", "a2a"])
+    cp_comm_type: str = _f(
+        "p2p", "--cp-comm-type", "context-parallel attention", choices=["p2p", "all_gather", "a2a", "a2a+p2p"]
+    )
+    hierarchical_context_parallel_sizes: list[int] | None = _f(
+        None,
+        "--hierarchical-context-parallel-sizes",
+        "A P for --cp-comm-type a2a+p2p: all-to-all inside groups of A consecutive CP ranks, ring over P groups",
+        nargs=2,
+    )
     distributed_backend: str | None = _f(
         None, "--distributed-backend", "default: nccl on CUDA, gloo on CPU", choices=["nccl", "gloo"]
     )
@@ -284,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _value_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str, "list[str]": str}[str(f.type).removesuffix(" | None")]
+    return {"int": int, "float": float, "str": str, "list[str]": str, "list[int]": int}[
+        str(f.type).removesuffix(" | None")
+    ]
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
@@ -486,6 +496,7 @@ def validate(cfg: Config) -> None:
 
     validate_sharding(p)
     validate_memory(m)
+    validate_hierarchical_cp(p)
 
 
 def validate_memory(m: ModelConfig) -> None:
@@ -505,6 +516,26 @@ def validate_memory(m: ModelConfig) -> None:
         )
     if n is not None and not 1 <= n <= m.num_layers:
         raise ConfigError(f"--cpu-offloading-num-layers must be between 1 and --num-layers {m.num_layers} (got {n})")
+
+
+def validate_hierarchical_cp(p: ParallelConfig) -> None:
+    """--cp-comm-type a2a+p2p and --hierarchical-context-parallel-sizes go together, and A x P = CP."""
+    sizes, flag = p.hierarchical_context_parallel_sizes, "--hierarchical-context-parallel-sizes"
+    if p.cp_comm_type != "a2a+p2p":
+        if sizes is not None:
+            raise ConfigError(f"{flag} given with --cp-comm-type {p.cp_comm_type}; add --cp-comm-type a2a+p2p")
+        return
+    if sizes is None:
+        raise ConfigError(
+            f"--cp-comm-type a2a+p2p needs {flag} A P (all-to-all group size, ring size; "
+            f"A x P = --context-parallel-size {p.context_parallel_size})"
+        )
+    a, q = sizes
+    if a < 1 or q < 1 or a * q != p.context_parallel_size:
+        raise ConfigError(
+            f"{flag} {a} {q}: A x P = {a * q} must equal --context-parallel-size {p.context_parallel_size} "
+            "(both >= 1); A ranks share an all-to-all (one node), P groups form the ring"
+        )
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

@@ -1,4 +1,5 @@
-"""Zigzag sharding, CP validation, and the three --cp-comm-type attentions against full attention."""
+"""Zigzag sharding (flat and hierarchical), CP validation, and every --cp-comm-type attention
+against full attention."""
 
 import pytest
 import torch
@@ -6,8 +7,9 @@ import torch.distributed as dist
 from multiproc import run_ranks
 from parity import TOL, make_inputs, reference
 
-from megalite.config import ConfigError, ModelConfig
-from megalite.parallel.apply_cp import CP_ATTENTION, ContextParallelAttention, validate_cp
+from megalite.config import ConfigError, ModelConfig, ParallelConfig
+from megalite.parallel.apply_cp import ContextParallelAttention, validate_cp
+from megalite.parallel.dims import ParallelDims
 from megalite.parallel.zigzag import zigzag_merge, zigzag_positions, zigzag_split
 
 
@@ -18,6 +20,22 @@ def test_zigzag_split_merge_round_trip(cp):
     assert all(p.shape == (2, 10, 3) for p in pieces)
     torch.testing.assert_close(zigzag_merge(pieces, 1), x)
     torch.testing.assert_close(zigzag_merge(torch.cat(pieces, 1), 1, cp), x)
+
+
+@pytest.mark.parametrize("cp, inner", [(2, 2), (4, 2), (4, 4), (6, 3)])
+def test_hierarchical_zigzag(cp, inner):
+    x = torch.arange(2 * cp * 3).view(1, 2 * cp * 3)  # s = 2*CP*3
+    pieces = [zigzag_split(x, 1, cp, r, inner) for r in range(cp)]
+    torch.testing.assert_close(zigzag_merge(pieces, 1, inner=inner), x)
+    torch.testing.assert_close(zigzag_merge(torch.cat(pieces, 1), 1, cp, inner), x)
+    # What the all-to-all gathers inside group p is that group's flat zigzag pair over CP/inner.
+    outer = cp // inner
+    for p in range(outer):
+        group = pieces[p * inner : (p + 1) * inner]
+        torch.testing.assert_close(zigzag_merge(group, 1, inner=inner), zigzag_split(x, 1, outer, p))
+    assert zigzag_positions(16, 4, 1, inner=2).tolist() == [2, 3, 14, 15]
+    with pytest.raises(ValueError, match="inner all-to-all size 3 does not divide the context-parallel size 4"):
+        zigzag_split(x[:, :16], 1, 4, 0, 3)
 
 
 def test_zigzag_chunks_and_positions():
@@ -51,6 +69,9 @@ def test_validate_cp():
         ConfigError, match=r"kv heads per TP rank \(2\) must both be divisible by --context-parallel-size 4"
     ):
         validate_cp(cfg, 4, "a2a")
+    validate_cp(cfg, 4, "a2a+p2p", a2a_size=2)
+    with pytest.raises(ConfigError, match=r"kv heads per TP rank \(1\) must both be divisible by A"):
+        validate_cp(cfg, 4, "a2a+p2p", tp=2, a2a_size=2)
     with pytest.raises(ConfigError, match="--cp-comm-type 'ring'"):
         validate_cp(cfg, 2, "ring")
     cfg.attention_dropout = 0.1
@@ -67,17 +88,30 @@ CASES = [  # (causal, heads, kv_heads, head_dim, dtype)
 ]
 
 
+def _hierarchical(world, a):
+    """(groups, A) of --cp-comm-type a2a+p2p with sizes A, world / A over all ranks."""
+    sizes = [a, world // a]
+    dims = ParallelDims.build(
+        ParallelConfig(context_parallel_size=world, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=sizes)
+    )
+    return (dims.cp_a2a_group, dims.cp_ring_group), a
+
+
 def _variants_agree(rank, world):
     group = dist.new_group(list(range(world)))
+    # (name, group(s), inner): a2a+p2p at A=2, P=2 on 4 ranks; both degenerate splits on 2.
+    layouts = [(comm, group, 1) for comm in ("p2p", "all_gather", "a2a")]
+    layouts += [("a2a+p2p", *_hierarchical(world, a)) for a in ((1, 2) if world == 2 else (2,))]
     chunk = 5
     for i, (causal, heads, kv_heads, head_dim, dtype) in enumerate(CASES):
         q, k, v, dout = make_inputs(200 + i, 2, 2 * world * chunk, heads, kv_heads, head_dim, dtype)
-        want = [zigzag_split(t, 1, world, rank) for t in reference(q, k, v, dout, causal)]
+        full = reference(q, k, v, dout, causal)
         results = {}
-        for comm in CP_ATTENTION:
-            ql, kl, vl = (zigzag_split(t, 1, world, rank).requires_grad_() for t in (q, k, v))
-            out = ContextParallelAttention(group, comm, causal=causal)(ql, kl, vl)
-            out.backward(zigzag_split(dout, 1, world, rank))
+        for comm, grp, inner in layouts:
+            want = [zigzag_split(t, 1, world, rank, inner) for t in full]
+            ql, kl, vl = (zigzag_split(t, 1, world, rank, inner).requires_grad_() for t in (q, k, v))
+            out = ContextParallelAttention(grp, comm, causal=causal)(ql, kl, vl)
+            out.backward(zigzag_split(dout, 1, world, rank, inner))
             results[comm] = (out, ql.grad, kl.grad, vl.grad)
             for name, got, ref in zip(("out", "dq", "dk", "dv"), results[comm], want):
                 assert got.dtype == dtype, (comm, name)
@@ -93,6 +127,9 @@ def _variants_agree(rank, world):
         q, k, v, _ = make_inputs(0, 1, 2 * world, 2 * world, 1, 32, torch.float64)
         with pytest.raises(ValueError, match="use p2p or all_gather"):
             ContextParallelAttention(group, "a2a")(q, k, v)
+        groups, _ = layouts[-1][1:]
+        with pytest.raises(ValueError, match="choose a smaller A"):
+            ContextParallelAttention(groups, "a2a+p2p")(q, k, v)
 
 
 @pytest.mark.parametrize("world", [2, 4])

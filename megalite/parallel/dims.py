@@ -4,6 +4,10 @@ Global rank r sits at (dp, cp, tp) with TP innermost: r = (dp * CP + cp) * TP + 
 group is a run of consecutive ranks (one node's NVLink domain) and CP neighbours are TP
 apart. ``dp_cp`` is the flattened DP x CP group over which replicated parameters' gradients
 are summed. Every group is a real ProcessGroup (a size-1 group works as the identity).
+
+Under --cp-comm-type a2a+p2p with --hierarchical-context-parallel-sizes A P, CP rank c = p*A + a:
+``cp_a2a_group`` holds the A consecutive CP ranks of group p (one node when TP*A ranks fit on
+it), ``cp_ring_group`` the P ranks with the same a, one per group.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class ParallelDims:
     cp_group: dist.ProcessGroup  # ranks TP apart, same DP index
     dp_cp_group: dist.ProcessGroup  # DP x CP flattened: the ranks that share this rank's TP index
     sequence_parallel: bool = False
+    cp_a2a: int = 1  # A of hierarchical CP (1: flat CP)
+    cp_a2a_group: dist.ProcessGroup | None = None  # hierarchical CP only
+    cp_ring_group: dist.ProcessGroup | None = None
 
     @staticmethod
     def build(cfg: ParallelConfig) -> ParallelDims:
@@ -59,7 +66,19 @@ class ParallelDims:
         tp_group = group([list(range(s, s + tp)) for s in range(0, world, tp)])
         cp_group = group([[(d * cp + c) * tp + t for c in range(cp)] for d in range(dp) for t in range(tp)])
         dp_cp_group = group([list(range(t, world, tp)) for t in range(tp)])
-        return ParallelDims(world, rank, dp, cp, tp, tp_group, cp_group, dp_cp_group, cfg.sequence_parallel and tp > 1)
+        hier = {}
+        if cfg.cp_comm_type == "a2a+p2p":
+            a, p = cfg.hierarchical_context_parallel_sizes
+
+            def rank_of(d, t, c):
+                return (d * cp + c) * tp + t
+
+            runs = [(d, t) for d in range(dp) for t in range(tp)]
+            a2a = group([[rank_of(d, t, q * a + i) for i in range(a)] for d, t in runs for q in range(p)])
+            ring = group([[rank_of(d, t, q * a + i) for q in range(p)] for d, t in runs for i in range(a)])
+            hier = dict(cp_a2a=a, cp_a2a_group=a2a, cp_ring_group=ring)
+        sp = cfg.sequence_parallel and tp > 1
+        return ParallelDims(world, rank, dp, cp, tp, tp_group, cp_group, dp_cp_group, sp, **hier)
 
     @property
     def tp_rank(self) -> int:
@@ -85,6 +104,7 @@ class ParallelDims:
         return base + 1009 * self.cp_rank + (101 * self.tp_rank if self.sequence_parallel else 0)
 
     def describe(self) -> str:
-        return f"world {self.world_size} = DP {self.dp} x CP {self.cp} x TP {self.tp}" + (
+        hier = f" (a2a {self.cp_a2a} x ring {self.cp // self.cp_a2a})" if self.cp_ring_group is not None else ""
+        return f"world {self.world_size} = DP {self.dp} x CP {self.cp}{hier} x TP {self.tp}" + (
             " (+SP)" if self.sequence_parallel else ""
         )

@@ -33,7 +33,8 @@ def validate_layout(cfg: Config, dims_tp: int, dims_cp: int) -> None:
     validate_offload(cfg.model, on_cuda)
     validate_tp(cfg.model, dims_tp, cfg.parallel.sequence_parallel, cp=dims_cp)
     if dims_cp > 1:
-        validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp)
+        sizes = cfg.parallel.hierarchical_context_parallel_sizes
+        validate_cp(cfg.model, dims_cp, cfg.parallel.cp_comm_type, dims_tp, sizes and sizes[0])
         d = cfg.model.head_dim
         if on_cuda and not fused_kernel_fits(torch.bfloat16 if cfg.train.bf16 else torch.float32, d):
             # fp32 (or odd head dims) would fall back to the math block attention, which holds
@@ -48,6 +49,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg: Config, device:
     if dims.tp > 1:
         apply_tp(model, dims.tp_group, dims.sequence_parallel)
     if dims.cp > 1:
-        apply_cp(model, dims.cp_group, cfg.parallel.cp_comm_type)
+        comm = cfg.parallel.cp_comm_type
+        group = (dims.cp_a2a_group, dims.cp_ring_group) if comm == "a2a+p2p" else dims.cp_group
+        apply_cp(model, group, comm)
     model.to(device)
     return apply_dp(model, dims, cfg, device)

@@ -50,25 +50,35 @@ def _all_to_all(x, group, to_heads):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s // cp, cp * n, d)  # recv[j]: my sequence, rank j's heads
 
 
+def head_parallel(q, k, v, group, attend, inner: int, fix: str):
+    """The Ulysses frame: all-to-all q/k/v from a sequence split over ``group`` (n ranks) to a head
+    split (H/n query heads, G/n KV heads, the group's whole sequence), ``attend(q, k, v)`` on that,
+    all-to-all back. The group's pieces lie as ``zigzag_split(..., inner)`` puts them: inner=1 for
+    a whole CP group, inner=n for the all-to-all group of hierarchical CP. ``fix`` ends the error."""
+    n = dist.get_world_size(group)
+    b, s, h, d = q.shape
+    g = k.shape[2]
+    if h % n or g % n:
+        raise ValueError(f"query heads ({h}) and kv heads ({g}) must be divisible by the all-to-all size {n}; {fix}")
+    # One message: for each destination rank, its q heads then its k and v heads.
+    qkv = torch.cat([t.reshape(b, s, n, -1, d) for t in (q, k, v)], dim=3).flatten(2, 3)
+    qkv = zigzag_merge(_AllToAll.apply(qkv, group, True), 1, n, inner)  # (B, n*s, (H + 2G)/n, D), natural order
+    qh, kh, vh = qkv.split([h // n, g // n, g // n], dim=2)
+    out = attend(qh, kh, vh)
+    out = torch.cat([zigzag_split(out, 1, n, j, inner) for j in range(n)], dim=1)  # rank order
+    return _AllToAll.apply(out, group, False)
+
+
 def ulysses_attention(
     q, k, v, group, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
 ):
     """Ulysses (all-to-all) context-parallel attention; H and G must be divisible by CP.
     ``document_ids`` as in ``ring_attention``."""
     scale, backend = resolve_call(q, k, v, group, causal, softmax_scale, backend)
-    cp = dist.get_world_size(group)
-    b, s, h, d = q.shape
-    g = k.shape[2]
-    if h % cp or g % cp:
-        raise ValueError(
-            f"--cp-comm-type a2a needs query heads ({h}) and kv heads ({g}) divisible by "
-            f"the context-parallel size {cp}; use p2p or all_gather"
-        )
     ids = None if document_ids is None else gather_document_ids(document_ids, q, group)  # natural order
-    # One message: for each destination rank, its q heads then its k and v heads.
-    qkv = torch.cat([t.reshape(b, s, cp, -1, d) for t in (q, k, v)], dim=3).flatten(2, 3)
-    qkv = zigzag_merge(_AllToAll.apply(qkv, group, True), 1, cp)  # (B, S, (H + 2G)/CP, D), natural order
-    qh, kh, vh = qkv.split([h // cp, g // cp, g // cp], dim=2)
-    out = block_attention(qh, kh, vh, causal=causal, softmax_scale=scale, backend=backend, document_ids=ids)
-    out = torch.cat([zigzag_split(out, 1, cp, j) for j in range(cp)], dim=1)  # rank order
-    return _AllToAll.apply(out, group, False)
+
+    def attend(qh, kh, vh):
+        return block_attention(qh, kh, vh, causal=causal, softmax_scale=scale, backend=backend, document_ids=ids)
+
+    fix = "--cp-comm-type a2a needs them divisible by CP; use p2p or all_gather"
+    return head_parallel(q, k, v, group, attend, 1, fix)

@@ -2,9 +2,9 @@
 
 Global batch t covers samples [t*G, (t+1)*G) of the shuffled training set whatever the layout:
 micro step m of DP rank d takes samples m*(mb*DP) + d*mb + [0, mb). CP ranks of one DP rank
-take the zigzag slice of the same sequences. The loss of a global batch is the sum of
-per-token losses over all its loss tokens divided by their number, so every layout computes
-the same quantity, and gradients are summed over DP x CP.
+take the zigzag slice of the same sequences (the hierarchical one under a2a+p2p). The loss of
+a global batch is the sum of per-token losses over all its loss tokens divided by their
+number, so every layout computes the same quantity, and gradients are summed over DP x CP.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def micro_batches(dataset, start: int, cfg, dims, device):
         samples = [dataset[i] for i in range(first, first + mb)]
         batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}  # each [mb, s]
         if dims.cp > 1:
-            batch = {k: zigzag_split(v, 1, dims.cp, dims.cp_rank) for k, v in batch.items()}
+            batch = {k: zigzag_split(v, 1, dims.cp, dims.cp_rank, dims.cp_a2a) for k, v in batch.items()}
         if torch.device(device).type == "cuda":  # pinned: the copy below is then truly asynchronous
             batch = {k: v.pin_memory() for k, v in batch.items()}
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

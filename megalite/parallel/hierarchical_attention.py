@@ -1,0 +1,38 @@
+"""Hierarchical context-parallel attention, ``--cp-comm-type a2a+p2p`` with
+``--hierarchical-context-parallel-sizes A P`` (CP = A x P). Same contract as ``ring_attention``,
+but q (B, s, H, D), k/v (B, s, G, D) hold this rank's piece of the hierarchical zigzag layout
+(``zigzag_split(..., inner=A)``); the result (B, s, H, D) equals exact attention over the whole
+sequence.
+
+Why two levels: an all-to-all moves every token's q/k/v once whatever the group size, but only
+pays off over a fast link; a ring hides its hops behind attention and suits the slow link. So
+the A consecutive CP ranks of one node swap their sequence split for a head split (Ulysses),
+and the P node groups then run the zigzag ring over their whole pair for H/A heads. The layout
+makes the all-to-all's gathered sequence exactly the group's zigzag pair, so both halves are the
+existing pieces, composed: no third ring.
+
+forward: all-to-all q/k/v (inner), P-1 K/V ring hops (outer), all-to-all out (inner) /
+backward: all-to-all dout, the ring's backward (P-1 K/V + P-1 dK/dV hops), all-to-all dq/dk/dv.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from .cp_blocks import resolve_call
+from .ring_attention import ring_attention
+from .ulysses_attention import head_parallel
+
+
+def hierarchical_attention(q, k, v, groups, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
+    """``groups`` = (inner all-to-all group of A ranks, outer ring group of P ranks); H and G
+    must be divisible by A."""
+    inner, outer = groups
+    scale, backend = resolve_call(q, k, v, inner, causal, softmax_scale, backend)
+
+    def attend(qh, kh, vh):  # (B, A*s, H/A or G/A, D): the group's zigzag pair
+        return ring_attention(qh, kh, vh, outer, causal=causal, softmax_scale=scale, backend=backend)
+
+    a = dist.get_world_size(inner)
+    fix = "--hierarchical-context-parallel-sizes A P needs them divisible by A; choose a smaller A"
+    return head_parallel(q, k, v, inner, attend, a, fix)
