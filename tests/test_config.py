@@ -331,3 +331,40 @@ def test_lr_of_iteration_k_is_schedule_k():
         )
         == 1.0
     )
+
+
+HIER = ["--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hierarchical-context-parallel-sizes", "2", "2"], "given with --cp-comm-type p2p; add --cp-comm-type a2a"),
+        (HIER, r"a2a\+p2p needs --hierarchical-context-parallel-sizes A P .* = --context-parallel-size 4"),
+        (HIER + ["--hierarchical-context-parallel-sizes", "2", "3"], "A x P = 6 must equal --context-parallel-size 4"),
+        (HIER + ["--hierarchical-context-parallel-sizes", "0", "4"], "A x P = 0 must equal"),
+    ],
+)
+def test_hierarchical_cp_flags_must_agree(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        C.parse(argv)
+
+
+def test_hierarchical_cp_flags_and_heads(tmp_path):
+    from megalite.parallel.parallelize import validate_layout
+
+    cfg = C.parse(HIER + ["--hierarchical-context-parallel-sizes", "2", "2"])
+    assert cfg.parallel.hierarchical_context_parallel_sizes == [2, 2]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"cp-comm-type": "a2a+p2p", "hierarchical-context-parallel-sizes": [1, 2]}))
+    assert C.parse(
+        ["--config", str(path), "--context-parallel-size", "2"]
+    ).parallel.hierarchical_context_parallel_sizes == [1, 2]
+    path.write_text(json.dumps({"hierarchical-context-parallel-sizes": 2}))
+    with pytest.raises(ConfigError, match="hierarchical-context-parallel-sizes must be a list of 2 values"):
+        C.parse(["--config", str(path)])
+    # Query heads per TP rank must split over A: 4 heads / TP 2 = 2 per rank, not divisible by A = 4.
+    tp2 = ["--tensor-parallel-size", "2", "--num-attention-heads", "4", "--bf16"]
+    validate_layout(C.parse(tp2 + HIER + ["--hierarchical-context-parallel-sizes", "2", "2"]), 2, 4)
+    with pytest.raises(ConfigError, match=r"query heads per TP rank \(2\) must be divisible by A"):
+        validate_layout(C.parse(tp2 + HIER + ["--hierarchical-context-parallel-sizes", "4", "1"]), 2, 4)

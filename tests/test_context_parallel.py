@@ -70,8 +70,9 @@ def test_validate_cp():
     ):
         validate_cp(cfg, 4, "a2a")
     validate_cp(cfg, 4, "a2a+p2p", a2a_size=2)
-    with pytest.raises(ConfigError, match=r"kv heads per TP rank \(1\) must both be divisible by A"):
-        validate_cp(cfg, 4, "a2a+p2p", tp=2, a2a_size=2)
+    validate_cp(cfg, 4, "a2a+p2p", tp=2, a2a_size=2)  # 1 kv head per TP rank, repeated over A = 2
+    with pytest.raises(ConfigError, match=r"query heads per TP rank \(4\) must be divisible by A"):
+        validate_cp(cfg, 8, "a2a+p2p", tp=2, a2a_size=8)
     with pytest.raises(ConfigError, match="--cp-comm-type 'ring'"):
         validate_cp(cfg, 2, "ring")
     cfg.attention_dropout = 0.1
@@ -124,12 +125,19 @@ def _variants_agree(rank, world):
                     torch.testing.assert_close(got, ring, atol=1e-12, rtol=1e-12)
     # a2a refuses heads that do not split over the group, naming the fix.
     if world > 1:
-        q, k, v, _ = make_inputs(0, 1, 2 * world, 2 * world, 1, 32, torch.float64)
+        q, k, v, dout = make_inputs(0, 1, 2 * world, 2 * world, 1, 32, torch.float64)
         with pytest.raises(ValueError, match="use p2p or all_gather"):
             ContextParallelAttention(group, "a2a")(q, k, v)
-        groups, _ = layouts[-1][1:]
-        with pytest.raises(ValueError, match="choose a smaller A"):
-            ContextParallelAttention(groups, "a2a+p2p")(q, k, v)
+        # a2a+p2p repeats KV heads fewer than A (here 1 for A = 2) instead of refusing them.
+        groups, inner = layouts[-1][1:]
+        want = [zigzag_split(t, 1, world, rank, inner) for t in reference(q, k, v, dout, True)]
+        ql, kl, vl = (zigzag_split(t, 1, world, rank, inner).requires_grad_() for t in (q, k, v))
+        out = ContextParallelAttention(groups, "a2a+p2p")(ql, kl, vl)
+        out.backward(zigzag_split(dout, 1, world, rank, inner))
+        for got, ref in zip((out, ql.grad, kl.grad, vl.grad), want):
+            torch.testing.assert_close(got, ref)
+        with pytest.raises(ValueError, match="divisible by A"):
+            ContextParallelAttention(groups, "a2a+p2p")(ql[:, :, :3], kl, vl)
 
 
 @pytest.mark.parametrize("world", [2, 4])

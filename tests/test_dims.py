@@ -32,6 +32,14 @@ def _grid(rank, world):
     cp_dp = ParallelDims.build(ParallelConfig(context_parallel_size=2))
     assert (cp_dp.dp, cp_dp.cp, cp_dp.cp_rank) == (2, 2, rank % 2)
     assert dist.get_process_group_ranks(cp_dp.dp_cp_group) == [0, 1, 2, 3]
+    # a2a+p2p, CP=4 as A=2 x P=2: CP rank c = p*A + a, all-to-all over consecutive CP ranks, ring across.
+    hier = ParallelDims.build(
+        ParallelConfig(context_parallel_size=4, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2])
+    )
+    assert hier.cp_a2a == 2 and dims.cp_a2a_group is None
+    assert dist.get_process_group_ranks(hier.cp_a2a_group) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(hier.cp_ring_group) == [rank % 2, rank % 2 + 2]
+    assert (dist.get_rank(hier.cp_ring_group), dist.get_rank(hier.cp_a2a_group)) == divmod(hier.cp_rank, 2)
 
 
 def test_grid_ranks(tmp_path):

@@ -52,6 +52,19 @@ def assert_same_curve(ref, got):
         ("tp2-sp-tiled", 2, ["--tensor-parallel-size", "2", "--sequence-parallel", *TILED]),
         ("cp2-tiled-recompute", 2, ["--context-parallel-size", "2", "--recompute-granularity", "full", *TILED]),
         (
+            "cp4-a2a+p2p",
+            4,
+            [
+                "--context-parallel-size",
+                "4",
+                "--cp-comm-type",
+                "a2a+p2p",
+                "--hierarchical-context-parallel-sizes",
+                "2",
+                "2",
+            ],
+        ),
+        (
             "cp2-allgather-recompute",
             2,
             ["--context-parallel-size", "2", "--cp-comm-type", "all_gather", "--recompute-granularity", "full"],
@@ -132,3 +145,11 @@ def test_packed_documents_bf16_and_flags_matter(tmp_path, packed_corpus, packed_
     plain = train(tmp_path, "plain", 1, packed_corpus + STEPS)
     for a, b in zip(packed_reference, plain):
         assert abs(a["loss"] - b["loss"]) > 1e-3 * a["loss"], (a["iteration"], a["loss"], b["loss"])
+
+
+@pytest.mark.slow
+def test_hierarchical_cp_with_tp_sp_curve_equals_one_rank(tmp_path, corpus, reference):
+    """TP=2 + SP x CP=4 as A=2 all-to-all x P=2 ring: 8 ranks."""
+    flags = ["--tensor-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "4"]
+    flags += ["--cp-comm-type", "a2a+p2p", "--hierarchical-context-parallel-sizes", "2", "2"]
+    assert_same_curve(reference, train(tmp_path, "tp2-sp-cp4-a2a+p2p", 8, corpus + STEPS + flags))

@@ -51,11 +51,12 @@ def validate_cp(model_cfg: ModelConfig, cp: int, comm_type: str, tp: int = 1, a2
             f"and kv heads per TP rank ({groups}) must both be divisible by --context-parallel-size {cp}; "
             f"use --cp-comm-type p2p or all_gather, or change the head counts"
         )
-    if comm_type == "a2a+p2p" and (heads % a2a_size or groups % a2a_size):
+    if comm_type == "a2a+p2p" and (heads % a2a_size or (groups % a2a_size and a2a_size % groups)):
         raise ConfigError(
             f"--cp-comm-type a2a+p2p splits attention heads over the A = {a2a_size} ranks of an all-to-all "
-            f"group: query heads per TP rank ({heads}) and kv heads per TP rank ({groups}) must both be "
-            f"divisible by A; choose a smaller A in --hierarchical-context-parallel-sizes, or change the head counts"
+            f"group: query heads per TP rank ({heads}) must be divisible by A, and kv heads per TP rank "
+            f"({groups}) divisible by A or dividing it (then they are repeated); choose another A in "
+            f"--hierarchical-context-parallel-sizes, or change the head counts"
         )
 
 

@@ -11,6 +11,10 @@ and the P node groups then run the zigzag ring over their whole pair for H/A hea
 makes the all-to-all's gathered sequence exactly the group's zigzag pair, so both halves are the
 existing pieces, composed: no third ring.
 
+GQA with fewer KV heads than A (per TP rank, A a multiple of them): each KV head is repeated
+A/G times before the all-to-all, so each rank of the group receives the one KV head its H/A
+query heads use; autograd sums the copies' gradients back.
+
 forward: all-to-all q/k/v (inner), P-1 K/V ring hops (outer), all-to-all out (inner) /
 backward: all-to-all dout, the ring's backward (P-1 K/V + P-1 dK/dV hops), all-to-all dq/dk/dv.
 """
@@ -25,14 +29,16 @@ from .ulysses_attention import head_parallel
 
 
 def hierarchical_attention(q, k, v, groups, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
-    """``groups`` = (inner all-to-all group of A ranks, outer ring group of P ranks); H and G
-    must be divisible by A."""
+    """``groups`` = (inner all-to-all group of A ranks, outer ring group of P ranks); H must be
+    divisible by A, and G divisible by A or dividing it."""
     inner, outer = groups
     scale, backend = resolve_call(q, k, v, inner, causal, softmax_scale, backend)
+    a, g = dist.get_world_size(inner), k.shape[2]
+    if g % a and a % g == 0:
+        k, v = (t.repeat_interleave(a // g, dim=2) for t in (k, v))  # (B, s, A, D)
 
     def attend(qh, kh, vh):  # (B, A*s, H/A or G/A, D): the group's zigzag pair
         return ring_attention(qh, kh, vh, outer, causal=causal, softmax_scale=scale, backend=backend)
 
-    a = dist.get_world_size(inner)
-    fix = "--hierarchical-context-parallel-sizes A P needs them divisible by A; choose a smaller A"
+    fix = "--hierarchical-context-parallel-sizes A P needs them divisible by A (or kv heads dividing A)"
     return head_parallel(q, k, v, inner, attend, a, fix)
