@@ -361,7 +361,7 @@ def test_hierarchical_cp_flags_and_heads(tmp_path):
         ["--config", str(path), "--context-parallel-size", "2"]
     ).parallel.hierarchical_context_parallel_sizes == [1, 2]
     path.write_text(json.dumps({"hierarchical-context-parallel-sizes": 2}))
-    with pytest.raises(ConfigError, match="hierarchical-context-parallel-sizes must be a list of 2 values"):
+    with pytest.raises(ConfigError, match="hierarchical-context-parallel-sizes must be a non-empty list or a string"):
         C.parse(["--config", str(path)])
     # Query heads per TP rank must split over A: 4 heads / TP 2 = 2 per rank, not divisible by A = 4.
     tp2 = ["--tensor-parallel-size", "2", "--num-attention-heads", "4", "--bf16"]
