@@ -69,6 +69,8 @@ class ContextParallelAttention(nn.Module):
         super().__init__()
         if comm_type not in CP_ATTENTION:
             raise ValueError(f"unknown cp comm type {comm_type!r}; choose one of {sorted(CP_ATTENTION)}")
+        if (comm_type == "a2a+p2p") != isinstance(group, tuple):
+            raise ValueError("a2a+p2p takes the pair (all-to-all group, ring group); the other types one group")
         self.group, self.comm_type, self.causal, self.backend = group, comm_type, causal, backend
         self._attend = CP_ATTENTION[comm_type]
 

@@ -28,9 +28,17 @@ from .ring_attention import ring_attention
 from .ulysses_attention import head_parallel
 
 
-def hierarchical_attention(q, k, v, groups, *, causal: bool = True, softmax_scale: float | None = None, backend="auto"):
+def hierarchical_attention(
+    q, k, v, groups, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
+):
     """``groups`` = (inner all-to-all group of A ranks, outer ring group of P ranks); H must be
-    divisible by A, and G divisible by A or dividing it."""
+    divisible by A, and G divisible by A or dividing it. ``document_ids`` must be None for now."""
+    if document_ids is not None:
+        # Would need the ids gathered over the all-to-all group, then the ring's document plans.
+        raise NotImplementedError(
+            "packed-document attention (document_ids) is not supported with --cp-comm-type a2a+p2p yet; "
+            "use --cp-comm-type p2p, all_gather or a2a"
+        )
     inner, outer = groups
     scale, backend = resolve_call(q, k, v, inner, causal, softmax_scale, backend)
     a, g = dist.get_world_size(inner), k.shape[2]
