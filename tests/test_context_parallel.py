@@ -10,7 +10,6 @@ from parity import TOL, make_inputs, reference
 from megalite.config import ConfigError, ModelConfig, ParallelConfig
 from megalite.parallel.apply_cp import ContextParallelAttention, validate_cp
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.hierarchical_attention import hierarchical_attention
 from megalite.parallel.zigzag import zigzag_merge, zigzag_positions, zigzag_split
 
 
@@ -76,9 +75,6 @@ def test_validate_cp():
         validate_cp(cfg, 8, "a2a+p2p", tp=2, a2a_size=8)
     with pytest.raises(ValueError, match=r"a2a\+p2p takes the pair"):
         ContextParallelAttention(None, "a2a+p2p")
-    q = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(NotImplementedError, match=r"document_ids\) is not supported with --cp-comm-type a2a\+p2p"):
-        hierarchical_attention(q, q, q, (None, None), document_ids=torch.zeros(1, 4))
     with pytest.raises(ConfigError, match="--cp-comm-type 'ring'"):
         validate_cp(cfg, 2, "ring")
     cfg.attention_dropout = 0.1

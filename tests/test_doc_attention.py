@@ -1,5 +1,6 @@
 """Attention over packed documents (``document_ids``), checked against a dense float64 reference
-(explicit mask + softmax): single rank, and the three context-parallel attentions at CP = 2, 4."""
+(explicit mask + softmax): single rank, and the context-parallel attentions at CP = 2, 4 (the
+hierarchical a2a+p2p at A x P = 2 x 2, and 1 x 2, 2 x 1)."""
 
 import types
 
@@ -10,10 +11,13 @@ import torch.nn.functional as F
 from multiproc import run_ranks
 from parity import TOL, make_inputs
 
+from megalite.config import ParallelConfig
 from megalite.ops.attention import block_attention, causal_attention, get_backend
 from megalite.ops.doc_attention import Pair, document_spans, merge_partial, plan_pairs, run_forward
 from megalite.parallel.all_gather_attention import all_gather_attention, all_gather_plan
 from megalite.parallel.apply_cp import ContextParallelAttention
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.hierarchical_attention import hierarchical_attention
 from megalite.parallel.ring_attention import ring_attention, ring_plans
 from megalite.parallel.ulysses_attention import ulysses_attention
 from megalite.parallel.zigzag import zigzag_positions, zigzag_split
@@ -245,6 +249,29 @@ def _cp_vs_dense(rank, world):
             return attend(*t, group, causal=causal, backend=backend, document_ids=local(ids))
 
         assert_matches(_run(fn, *(local(t) for t in (q, k, v, dout))), want, dtype, f"case {i}")
+
+    # a2a+p2p: q/k/v and ids in the hierarchical layout; KV heads 1 < A = 2 are repeated.
+    for a in (1, 2) if world == 2 else (2,):
+        sizes = [a, world // a]
+        dims = ParallelDims.build(
+            ParallelConfig(
+                context_parallel_size=world, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=sizes
+            )
+        )
+        groups = (dims.cp_a2a_group, dims.cp_ring_group)
+
+        def hier(t, a=a):
+            return zigzag_split(t, 1, world, rank, a)
+
+        for j, (causal, kv_heads) in enumerate([(True, 2), (True, 1), (False, 2)]):
+            q, k, v, dout = make_inputs(400 + j, 3, seq, 4, kv_heads, 16, torch.float64)
+            ids = doc_ids(500 + j, 3, seq, 2 * chunk + 1)
+            want = [hier(t) for t in dense_reference(q, k, v, dout, ids, causal)]
+
+            def fn(*t, causal=causal, ids=ids):
+                return hierarchical_attention(*t, groups, causal=causal, document_ids=hier(ids))
+
+            assert_matches(_run(fn, *(hier(t) for t in (q, k, v, dout))), want, torch.float64, f"a2a+p2p {sizes}")
 
     # No wasted work: one forward and one backward call per visible (query run, key run) pair.
     q, k, v, dout = (local(t) for t in make_inputs(9, 3, seq, 4, 2, 8, torch.float64))

@@ -15,6 +15,9 @@ GQA with fewer KV heads than A (per TP rank, A a multiple of them): each KV head
 A/G times before the all-to-all, so each rank of the group receives the one KV head its H/A
 query heads use; autograd sums the copies' gradients back.
 
+Packed documents: the ids are all-gathered over the A ranks into the group's zigzag pair, and
+the ring over the P groups runs its document plans on them (ring_attention's document_ids).
+
 forward: all-to-all q/k/v (inner), P-1 K/V ring hops (outer), all-to-all out (inner) /
 backward: all-to-all dout, the ring's backward (P-1 K/V + P-1 dK/dV hops), all-to-all dq/dk/dv.
 """
@@ -23,22 +26,29 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from .comm import all_gather_flat
 from .cp_blocks import resolve_call
 from .ring_attention import ring_attention
 from .ulysses_attention import head_parallel
+from .zigzag import zigzag_merge
+
+
+def _group_pair_ids(document_ids, inner):
+    """The all-to-all group's zigzag pair of document ids (B, A*s), what the ring takes after the
+    all-to-all: the ids have no head dim to scatter, so every rank of the group gathers them all.
+    forward only: one all-gather of B*s integers over the group."""
+    a = dist.get_world_size(inner)
+    ids = document_ids.contiguous()
+    flat = ids.new_empty(a * ids.numel())
+    all_gather_flat(flat, ids.view(-1), group=inner)
+    return zigzag_merge(list(flat.view(a, *ids.shape).unbind(0)), 1, inner=a)
 
 
 def hierarchical_attention(
     q, k, v, groups, *, causal: bool = True, softmax_scale: float | None = None, backend="auto", document_ids=None
 ):
     """``groups`` = (inner all-to-all group of A ranks, outer ring group of P ranks); H must be
-    divisible by A, and G divisible by A or dividing it. ``document_ids`` must be None for now."""
-    if document_ids is not None:
-        # Would need the ids gathered over the all-to-all group, then the ring's document plans.
-        raise NotImplementedError(
-            "packed-document attention (document_ids) is not supported with --cp-comm-type a2a+p2p yet; "
-            "use --cp-comm-type p2p, all_gather or a2a"
-        )
+    divisible by A, and G divisible by A or dividing it. ``document_ids`` (B, s) split like q."""
     inner, outer = groups
     scale, backend = resolve_call(q, k, v, inner, causal, softmax_scale, backend)
     a, g = dist.get_world_size(inner), k.shape[2]
@@ -46,7 +56,8 @@ def hierarchical_attention(
         k, v = (t.repeat_interleave(a // g, dim=2) for t in (k, v))  # (B, s, A, D)
 
     def attend(qh, kh, vh):  # (B, A*s, H/A or G/A, D): the group's zigzag pair
-        return ring_attention(qh, kh, vh, outer, causal=causal, softmax_scale=scale, backend=backend)
+        ids = None if document_ids is None else _group_pair_ids(document_ids, inner)
+        return ring_attention(qh, kh, vh, outer, causal=causal, softmax_scale=scale, backend=backend, document_ids=ids)
 
     fix = "--hierarchical-context-parallel-sizes A P needs them divisible by A (or kv heads dividing A)"
     return head_parallel(q, k, v, inner, attend, a, fix)
