@@ -127,6 +127,19 @@ def packed_reference(tmp_path_factory, packed_corpus):
         ("cp2-allgather", 2, ["--context-parallel-size", "2", "--cp-comm-type", "all_gather"]),
         ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
         ("cp4", 4, ["--context-parallel-size", "4"]),
+        (
+            "cp4-a2a+p2p",
+            4,
+            [
+                "--context-parallel-size",
+                "4",
+                "--cp-comm-type",
+                "a2a+p2p",
+                "--hierarchical-context-parallel-sizes",
+                "2",
+                "2",
+            ],
+        ),
     ],
 )
 def test_packed_documents_loss_curve_equals_one_rank(tmp_path, packed_corpus, packed_reference, name, world, flags):
