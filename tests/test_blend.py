@@ -109,7 +109,9 @@ def test_blend_is_identical_under_any_layout(tmp_path):
         for start in range(0, 12 * gbs, gbs):
             per_rank = {
                 (d, c): list(
-                    micro_batches(train_set, start, cfg, SimpleNamespace(dp=dp, dp_rank=d, cp=cp, cp_rank=c), "cpu")
+                    micro_batches(
+                        train_set, start, cfg, SimpleNamespace(dp=dp, dp_rank=d, cp=cp, cp_rank=c, cp_a2a=1), "cpu"
+                    )
                 )
                 for d in range(dp)
                 for c in range(cp)

@@ -26,6 +26,15 @@ STEPS = [
 OG = ["--data-parallel-sharding-strategy", "optim_grads"]
 OGP = ["--data-parallel-sharding-strategy", "optim_grads_params"]
 
+HIER_CP4 = [
+    "--context-parallel-size",
+    "4",
+    "--cp-comm-type",
+    "a2a+p2p",
+    "--hierarchical-context-parallel-sizes",
+    "2",
+    "2",
+]
 TILED = ["--loss-chunk-size", "24", "--mlp-tile-size", "12"]  # 64 tokens a micro-batch: ragged chunks and tiles
 
 
@@ -51,19 +60,7 @@ def assert_same_curve(ref, got):
         ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
         ("tp2-sp-tiled", 2, ["--tensor-parallel-size", "2", "--sequence-parallel", *TILED]),
         ("cp2-tiled-recompute", 2, ["--context-parallel-size", "2", "--recompute-granularity", "full", *TILED]),
-        (
-            "cp4-a2a+p2p",
-            4,
-            [
-                "--context-parallel-size",
-                "4",
-                "--cp-comm-type",
-                "a2a+p2p",
-                "--hierarchical-context-parallel-sizes",
-                "2",
-                "2",
-            ],
-        ),
+        ("cp4-a2a+p2p", 4, HIER_CP4),
         (
             "cp2-allgather-recompute",
             2,
@@ -127,19 +124,7 @@ def packed_reference(tmp_path_factory, packed_corpus):
         ("cp2-allgather", 2, ["--context-parallel-size", "2", "--cp-comm-type", "all_gather"]),
         ("cp2-dp2-a2a", 4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
         ("cp4", 4, ["--context-parallel-size", "4"]),
-        (
-            "cp4-a2a+p2p",
-            4,
-            [
-                "--context-parallel-size",
-                "4",
-                "--cp-comm-type",
-                "a2a+p2p",
-                "--hierarchical-context-parallel-sizes",
-                "2",
-                "2",
-            ],
-        ),
+        ("cp4-a2a+p2p", 4, HIER_CP4),
     ],
 )
 def test_packed_documents_loss_curve_equals_one_rank(tmp_path, packed_corpus, packed_reference, name, world, flags):
