@@ -10,6 +10,7 @@ Targets: step time within 20%, peak memory within 10%.
 Timings need a quiet machine: the load average is recorded, and a warning printed above 2.5.
 
     python benchmarks/plan_vs_measured.py [--hardware FILE] [--iters 4] [--only NAME ...] [--quick]
+    python benchmarks/plan_vs_measured.py --from-saved   # re-predict the saved measurements (seconds)
 
 Writes benchmarks/results/plan_vs_measured.json and .png.
 """
@@ -110,9 +111,21 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="run only layouts whose name contains one of these")
     ap.add_argument("--quick", action="store_true", help="short sequences, to check the script (numbers not saved)")
+    ap.add_argument(
+        "--from-saved",
+        action="store_true",
+        help="re-predict the measured rows of the saved JSON without running pretrain.py (after a model change)",
+    )
     args = ap.parse_args()
     hw = hardware.load(args.hardware)
     vocab = Tokenizer(ensure_default_corpus(log=lambda *a: None)[1]).vocab_size
+    path = os.path.join(RESULTS, "plan_vs_measured.json")
+    if args.from_saved:
+        with open(path) as fh:
+            saved = json.load(fh)
+        rows = [_row(r["name"], r["ranks"], r["flags"], r["measured"], vocab, hw) for r in saved["rows"]]
+        _save({**saved, "hardware": hw.name, "hardware_notes": hw.notes, "rows": rows}, path)
+        return
     load_start = os.getloadavg()[0]
     if load_start > 2.5:
         print(f"warning: load average {load_start:.1f}: timings are not meaningful on a busy machine")
@@ -129,17 +142,7 @@ def main() -> None:
             shutil.rmtree(log_dir, ignore_errors=True)
         steady = [r["step_time"] for r in recs[1:]] or [recs[0]["step_time"]]
         measured = {"step_time_s": sum(steady) / len(steady), "mem_gib": max(r["mem_gib"] for r in recs)}
-        pred = predicted(ranks, flags, vocab, hw)
-        err = {k: pred[k] / measured[k] - 1 for k in ("step_time_s", "mem_gib")}
-        rows.append(
-            {"name": name, "ranks": ranks, "flags": flags, "measured": measured, "predicted": pred, "error": err}
-        )
-        print(
-            f"{name:<32} step {measured['step_time_s']:8.3f} s pred {pred['step_time_s']:8.3f} "
-            f"({err['step_time_s']:+6.1%}) | mem {measured['mem_gib']:6.3f} GiB pred {pred['mem_gib']:6.3f} "
-            f"({err['mem_gib']:+6.1%})",
-            flush=True,
-        )
+        rows.append(_row(name, ranks, flags, measured, vocab, hw))
     if args.quick or not rows:
         return
     out = {
@@ -149,12 +152,30 @@ def main() -> None:
         "targets": {"step_time": 0.2, "memory": 0.1},
         "rows": rows,
     }
+    _save(out, path)
+
+
+def _row(name, ranks, flags, measured, vocab, hw) -> dict:
+    pred = predicted(ranks, flags, vocab, hw)
+    err = {k: pred[k] / measured[k] - 1 for k in ("step_time_s", "mem_gib")}
+    print(
+        f"{name:<32} step {measured['step_time_s']:8.3f} s pred {pred['step_time_s']:8.3f} "
+        f"({err['step_time_s']:+6.1%}) | mem {measured['mem_gib']:6.3f} GiB pred {pred['mem_gib']:6.3f} "
+        f"({err['mem_gib']:+6.1%})",
+        flush=True,
+    )
+    return {"name": name, "ranks": ranks, "flags": flags, "measured": measured, "predicted": pred, "error": err}
+
+
+def _save(out, path):
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "plan_vs_measured.json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
-    plot(rows, os.path.join(RESULTS, "plan_vs_measured.png"))
-    print(f"wrote {path} and plan_vs_measured.png")
+    try:
+        plot(out["rows"], os.path.join(RESULTS, "plan_vs_measured.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plan_vs_measured.png")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

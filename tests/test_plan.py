@@ -14,12 +14,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from megalite import config as C
 from megalite.model import GPT
 from megalite.plan import cli, hardware, published
+from megalite.plan.calibrate import OpCounter
 from megalite.plan.flops import attention_flops, step_model_flops
 from megalite.plan.live_bytes import LiveBytes
 from megalite.plan.memory import breakdown
 from megalite.plan.options import job_from
 from megalite.plan.search import layouts, predict
 from megalite.plan.spec import Job, Layout
+from megalite.plan.timing import LAYER_OPS, STEP_OPS
 from megalite.training.metrics import flops_per_token
 from megalite.training.optim import build_optimizer
 
@@ -57,6 +59,24 @@ def test_step_flops_equal_torch_flop_counter(kw):
     assert causal == linear + attention / 2
     n_matmul = GPT(cfg, VOCAB).num_params(matmul_only=True)
     assert causal == flops_per_token(cfg, n_matmul, seq) * batch * seq  # the MFU line's count
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_op_counts_equal_dispatched_ops(swiglu):
+    """The host's per-op cost is charged per aten op: the planner's counts are what the one-rank
+    model dispatches in forward and in backward, per layer and once per micro-batch."""
+    for layers in (1, 3):
+        cfg = C.ModelConfig(
+            num_layers=layers, hidden_size=32, num_attention_heads=4, seq_length=16, swiglu=swiglu,
+            make_vocab_size_divisible_by=8,
+        )  # fmt: skip
+        model, tokens = GPT(cfg, VOCAB), torch.randint(0, VOCAB, (2, 16))
+        with OpCounter() as fwd:
+            loss = model(tokens, torch.arange(16).expand(2, 16), tokens).sum()
+        with OpCounter() as bwd:
+            loss.backward()
+        per_layer, step = LAYER_OPS[swiglu], STEP_OPS
+        assert (fwd.ops, bwd.ops) == tuple(s + layers * n for s, n in zip(step, per_layer))
 
 
 def test_document_masked_attention_flops_equal_documents_run_alone():

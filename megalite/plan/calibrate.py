@@ -4,7 +4,9 @@ Microbenchmarks only (never the training runs the planner is judged on):
   GEMM at a few sizes            -> rate (peak_tflops, efficiency 1), and an 8 x 8 GEMM's time
                                     as the fixed cost per call (matmul_latency_us)
   the attention block kernel     -> forward and backward efficiencies against that rate
-  a large copy                   -> memory bandwidth
+  a large out-of-place add       -> memory bandwidth (elementwise and optimizer time)
+  forward + backward of a chain  -> op_overhead_us: host time per aten op (CPU only), the chain's
+  of tiny linear layers             time over the ops a TorchDispatchMode counts in it
   2 gloo ranks: send/recv, all-reduce, all-gather at a few sizes -> α-β of the link, and how
                                     much of a send hides behind a GEMM (overlap)
   the smallest pretrain.py run   -> process_baseline_gib: its peak RSS less the tensor bytes the
@@ -26,6 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .hardware import Hardware
 
@@ -82,10 +85,40 @@ def attention(device, dtype, rate) -> tuple[float, float]:
     return flops / fwd / rate, 2 * flops / bwd / rate
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (autograd's backward kernels included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_overhead() -> float:
+    """Seconds per op of a chain of 4 x 8 linear layers with autograd: the tensors are so small
+    that the time is the host's per-op cost."""
+    layer = torch.nn.Linear(8, 8)
+
+    def chain():
+        x = torch.randn(4, 8, requires_grad=True)
+        for _ in range(20):
+            x = torch.nn.functional.gelu(layer(x)) * 0.5 + x
+        x.sum().backward()
+
+    with OpCounter() as counter:
+        chain()
+    return _timed(chain, repeat=20) / counter.ops
+
+
 def bandwidth(device) -> float:
-    x = torch.empty(2**25, device=device)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x))
+    """Bytes/s of an out-of-place add, as the model's elementwise work runs: each op writes a new
+    tensor, which on CPU costs fresh pages (about half a plain copy's rate)."""
+    x = torch.randn(2**25, device=device)
+    y = torch.randn_like(x)
+    return 3 * x.numel() * 4 / _timed(lambda: x + y)
 
 
 def _comm_rank(rank, world, store_path, out_path):
@@ -182,6 +215,7 @@ def calibrate(path: str) -> Hardware:
         inter_node_latency_us=comm["latency_us"],
         overlap=comm["overlap"],
         process_baseline_gib=0.0 if cuda else baseline(),
+        op_overhead_us=0.0 if cuda else op_overhead() * 1e6,
         cpu_cores=0 if cuda else os.cpu_count(),
         notes=f"measured by megalite-plan --calibrate on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
         f"load average {os.getloadavg()[0]:.1f}; gloo over loopback, so inter-node = intra-node",

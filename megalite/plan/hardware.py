@@ -13,6 +13,9 @@ Fields (rates per GPU or per rank, SI units in the names):
                               really hides behind compute (1.0: separate copy engines / NICs)
   process_baseline_gib        memory a rank holds before the model (CUDA context; the Python
                               process on CPU, where peak memory is the process RSS)
+  op_overhead_us              host time per aten op (Python, dispatcher, autograd) that is not
+                              hidden: CPU only (a GPU's host runs ahead of its asynchronous
+                              kernels, and matmul_latency_us already charges each launch), so 0
   cpu_cores                   CPU only: the rates are one thread's; ranks share this many cores
                               (one rank alone runs one thread per core)
   fitted                      {field: "the published row it was fitted on"}; empty = datasheet
@@ -44,6 +47,7 @@ class Hardware:
     inter_node_latency_us: float
     overlap: float = 1.0
     process_baseline_gib: float = 0.0
+    op_overhead_us: float = 0.0
     cpu_cores: int = 0  # CPU: rates are one thread's, this many run at once; 0 on GPUs
     fitted: dict = field(default_factory=dict)
     notes: str = ""

@@ -4,7 +4,8 @@ Compute: each GEMM costs 2mkn / (peak x matmul_efficiency) plus a fixed latency,
 problems reach a lower fraction of the peak (the achieved efficiency falls with size);
 flash attention runs at its own forward and backward efficiencies; elementwise work (norms,
 RoPE, activations, the loss) streams its bytes at the memory bandwidth and pays a fixed cost per
-kernel.
+kernel. On CPU every aten op also costs the host a fixed time (op_overhead_us: Python,
+dispatcher, autograd), counted per op of the one-rank model (LAYER_OPS, STEP_OPS).
 Communication, α-β per collective on the link the group spans (a group whose members are
 ``stride`` ranks apart leaves the node when stride x size exceeds --gpus-per-node):
   TP   2 all-reduces (or all-gather + reduce-scatter under SP, the same bytes) per layer forward
@@ -32,6 +33,12 @@ from .memory import layer_activation_bytes, stage_params, state_bytes_per_param
 from .spec import Job, Layout
 
 OPS_PER_LAYER = 24  # elementwise kernels of one layer's forward (norms, RoPE, copies, activation, adds)
+# aten ops megalite's one-rank model dispatches, (forward, backward), as a TorchDispatchMode counts
+# them (tests/test_plan.py): per layer by swiglu, and once per micro-batch (embedding, final norm,
+# logits, loss), at micro-batch > 1 (batch 1 skips a few views); TP / CP add a few collectives and
+# copies, not counted
+LAYER_OPS = {False: (51, 86), True: (56, 101)}
+STEP_OPS = (34, 23)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class _Rank:
         # CPU: rates are one thread's; one rank runs a thread per core, several share the cores
         ranks = lay.gpus
         self.speed = 1.0 if not hw.cpu_cores else (hw.cpu_cores if ranks == 1 else min(1.0, hw.cpu_cores / ranks))
+        self.op_s = hw.op_overhead_us * 1e-6 / min(self.speed, 1.0)  # the host side runs one thread
 
     def gemm(self, k: float, n: float, m: float | None = None) -> float:
         m = self.tokens if m is None else m
@@ -114,8 +122,9 @@ class _Rank:
         if job.megatron and job.tp_overlap:
             tp *= 1 - hw.overlap
         cp_f, cp_b = self._cp(a, g * d, n * d, attn_f, attn_b)
-        fwd = linear + attn_f + elem + tp + cp_f
-        bwd = 2 * linear + attn_b + 2 * elem + tp + cp_b
+        ops_f, ops_b = (n * self.op_s for n in LAYER_OPS[m.swiglu])
+        fwd = linear + attn_f + elem + tp + cp_f + ops_f
+        bwd = 2 * linear + attn_b + 2 * elem + tp + cp_b + ops_b
         if job.recompute == "full":
             bwd += fwd
         elif job.recompute == "selective":
@@ -158,7 +167,8 @@ class _Rank:
         v = padded_vocab_size(job.vocab_size, m.make_vocab_size_divisible_by, lay.tp) / lay.tp
         gemm = self.gemm(m.hidden_size, v)
         elem = self.stream(self.tokens * v * (job.act_bytes + 4) * 3, 6)
-        return gemm + elem, 2 * gemm + elem
+        ops_f, ops_b = (n * self.op_s for n in STEP_OPS)
+        return gemm + elem + ops_f, 2 * gemm + elem + ops_b
 
 
 def step_time(job: Job, lay: Layout, hw: Hardware, gpus_per_node: int) -> StepTime:
